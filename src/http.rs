@@ -1,0 +1,250 @@
+//! The HTTP façade: OpenAI-compatible JSON over HTTP/1.1 and HTTP/2,
+//! translated onto the gRPC core.
+//!
+//! The façade owns what only HTTP has — routes and methods, the
+//! `Authorization` header checked before the body is read, the body size
+//! limit, JSON, SSE framing — and nothing else. Every chat request becomes a
+//! proto [`ChatRequest`](crate::proto::ChatRequest) handed to the core
+//! through the generated `Chat` trait; what comes back (a message, a stream
+//! of chunks, or a status) is written out as OpenAI JSON, SSE events, or
+//! the error envelope. It holds no routing logic.
+
+use std::{
+    convert::Infallible,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+};
+
+use axum::{
+    body::Body,
+    extract::{Request, State},
+    http::{HeaderMap, HeaderValue, Method, StatusCode},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+    Extension, Router,
+};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http_body_util::BodyExt;
+use tonic::metadata::MetadataValue;
+
+use crate::{
+    auth::{Keys, Principal},
+    error::{Error, META_ATTEMPTS},
+    grpc::{ChatCore, META_FAILOVER, META_PROVIDER},
+    proto::{chat_server::Chat, openai_json, ChatChunk},
+};
+
+/// Whether this replica should receive traffic; false while draining.
+#[derive(Default)]
+pub struct Readiness {
+    draining: AtomicBool,
+}
+
+impl Readiness {
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+}
+
+#[derive(Clone)]
+pub struct HttpState {
+    pub core: Arc<ChatCore>,
+    pub keys: Arc<Keys>,
+    pub max_body_bytes: u64,
+    pub readiness: Arc<Readiness>,
+}
+
+/// The OpenAI-compatible routes. Unknown routes are answered by
+/// [`fallback`], installed by the caller after gRPC routes are merged in.
+pub fn router(state: HttpState) -> Router {
+    let api = Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    Router::new()
+        .merge(api)
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+/// Unknown routes: gRPC clients get `UNIMPLEMENTED`, everyone else the
+/// envelope.
+pub async fn fallback(req: Request) -> Response {
+    let is_grpc = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    if is_grpc {
+        return tonic::Status::unimplemented(format!("unknown method {}", req.uri().path())).into_http();
+    }
+    Error::not_found(format!("unknown route {} {}", req.method(), req.uri().path()), None).into_response()
+}
+
+async fn method_not_allowed(method: Method) -> Response {
+    // axum itself adds the `Allow` header listing the route's methods.
+    Error::MethodNotAllowed { method: method.to_string() }.into_response()
+}
+
+async fn readyz(State(state): State<HttpState>) -> Response {
+    let draining = state.readiness.is_draining();
+    let body = serde_json::json!({
+        "status": if draining { "draining" } else { "ready" },
+        "checks": { "limits": "ok" },
+    });
+    let status = if draining { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    (status, axum::Json(body)).into_response()
+}
+
+/// Checks the key before anything reads the body (API.md's order: key, then
+/// size, then parse).
+async fn authenticate(State(state): State<HttpState>, mut req: Request, next: Next) -> Response {
+    let auth = req.headers().get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    match state.keys.authenticate(auth) {
+        Ok(principal) => {
+            req.extensions_mut().insert(principal);
+            next.run(req).await
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Reads a body up to the limit, refusing early on a declared length.
+async fn read_body(headers: &HeaderMap, body: Body, limit: u64) -> Result<Bytes, Error> {
+    let declared = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(Error::PayloadTooLarge { limit });
+    }
+    let limited = http_body_util::Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
+    match limited.collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(Error::PayloadTooLarge { limit }),
+        Err(_) => Err(Error::invalid("the request body could not be read", None)),
+    }
+}
+
+/// Builds the core request: the principal, and the client's routing wishes
+/// as metadata.
+fn core_request<T>(message: T, principal: Arc<Principal>, headers: &HeaderMap) -> Result<tonic::Request<T>, Error> {
+    let mut req = tonic::Request::new(message);
+    req.extensions_mut().insert(principal);
+    let md = req.metadata_mut();
+    if let Some(v) = headers.get("x-switchyard-timeout-ms") {
+        let ms = v
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .filter(|&ms| ms > 0 && ms < 100_000_000)
+            .ok_or_else(|| Error::invalid("X-Switchyard-Timeout-Ms must be a positive whole number of milliseconds", None))?;
+        // At most 8 digits, as grpc-timeout allows.
+        if let Ok(v) = MetadataValue::try_from(format!("{ms}m")) {
+            md.insert("grpc-timeout", v);
+        }
+    }
+    if let Some(v) = headers.get(META_FAILOVER).and_then(|v| v.to_str().ok()).and_then(|v| MetadataValue::try_from(v).ok()) {
+        md.insert(META_FAILOVER, v);
+    }
+    if let Some(v) = headers.get("x-request-id").and_then(|v| v.to_str().ok()).and_then(|v| MetadataValue::try_from(v).ok()) {
+        md.insert("x-request-id", v);
+    }
+    Ok(req)
+}
+
+/// Copies what the core reported about serving into HTTP headers.
+fn copy_served(md: &tonic::metadata::MetadataMap, headers: &mut HeaderMap) {
+    for key in [META_PROVIDER, META_ATTEMPTS] {
+        if let Some(v) = md.get(key).and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok()) {
+            headers.insert(key, v);
+        }
+    }
+}
+
+async fn chat_completions(State(state): State<HttpState>, Extension(principal): Extension<Arc<Principal>>, headers: HeaderMap, body: Body) -> Response {
+    match chat(state, principal, headers, body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn chat(state: HttpState, principal: Arc<Principal>, headers: HeaderMap, body: Body) -> Result<Response, Error> {
+    let bytes = read_body(&headers, body, state.max_body_bytes).await?;
+    let parsed = openai_json::parse_request(&bytes)?;
+    let req = core_request(parsed.request, principal, &headers)?;
+    if !parsed.stream {
+        let resp = state.core.complete(req).await?;
+        let mut out = Response::new(Body::from(openai_json::completion_to_json(resp.get_ref())));
+        out.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        copy_served(resp.metadata(), out.headers_mut());
+        return Ok(out);
+    }
+    let resp = state.core.complete_stream(req).await?;
+    let (md, chunks, _) = resp.into_parts();
+    let mut out = Response::new(Body::from_stream(sse_body(chunks)));
+    let h = out.headers_mut();
+    h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    copy_served(&md, h);
+    Ok(out)
+}
+
+/// SSE framing: one `data:` event per chunk, `[DONE]` after a complete
+/// stream, and for a broken one an error event and no `[DONE]` — a
+/// truncated stream must never look complete.
+fn sse_body<S>(chunks: S) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> + Send
+where
+    S: futures_util::Stream<Item = Result<ChatChunk, tonic::Status>> + Send + Unpin + 'static,
+{
+    futures_util::stream::unfold((chunks, false), |(mut chunks, done)| async move {
+        if done {
+            return None;
+        }
+        let (frame, done) = match chunks.next().await {
+            Some(Ok(chunk)) => (sse_frame(&openai_json::chunk_to_json(&chunk)), false),
+            Some(Err(status)) => (sse_frame(&Error::from_status(&status).envelope_bytes()), true),
+            None => (Bytes::from_static(b"data: [DONE]\n\n"), true),
+        };
+        Some((Ok(frame), (chunks, done)))
+    })
+}
+
+fn sse_frame(json: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(json.len() + 8);
+    out.extend_from_slice(b"data: ");
+    out.extend_from_slice(json);
+    out.extend_from_slice(b"\n\n");
+    Bytes::from(out)
+}
+
+/// The longest client-sent `X-Request-Id` kept as is.
+const MAX_REQUEST_ID: usize = 128;
+
+/// Gives every request and response an `X-Request-Id`: the client's own
+/// when it is sane, else a new one.
+pub async fn request_id(mut req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .filter(|v| !v.is_empty() && v.len() <= MAX_REQUEST_ID && v.as_bytes().iter().all(|b| b.is_ascii_graphic()))
+        .cloned()
+        .unwrap_or_else(|| {
+            let id = rand::random::<u128>();
+            HeaderValue::from_str(&format!("{id:032x}")).unwrap_or(HeaderValue::from_static("0"))
+        });
+    req.headers_mut().insert("x-request-id", id.clone());
+    let mut resp = next.run(req).await;
+    resp.headers_mut().insert("x-request-id", id);
+    resp
+}

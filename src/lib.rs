@@ -1,0 +1,173 @@
+//! Switchyard: one endpoint in front of many LLM providers.
+//!
+//! # The request path
+//!
+//! ```text
+//!  socket ── axum::serve (HTTP/1.1 + h2c on one port)
+//!    │        └─ request_id layer: X-Request-Id in, X-Request-Id out
+//!    ├─ /v1/...  http.rs     OpenAI JSON façade: route → key (before the body)
+//!    │                       → body limit → JSON → proto ChatRequest
+//!    │                       │ calls the generated `Chat` trait, like any gRPC client
+//!    ├─ /switchyard.v1.Chat/* (gRPC clients, same trait)
+//!    ▼
+//!  grpc.rs      ChatCore: key → validate → model → permission → deadline
+//!    ▼
+//!  routing/     Router: candidates in order, one attempt at a time, failover
+//!    │          on retryable failures until first content, errors collected
+//!    ▼
+//!  providers/   one adapter per wire format: proto ⇄ openai | anthropic JSON,
+//!    │          SSE decoded as it arrives, failures classified (error.rs)
+//!    ▼
+//!  upstream provider (reqwest, pooled)
+//! ```
+//!
+//! And back: a sync answer returns up the same calls; a stream is relayed by
+//! a producer task in `grpc.rs` through a bounded channel, rewritten to one
+//! id and the public model name, and framed as SSE by `http.rs` (or sent as
+//! gRPC messages). When the client leaves, the channel closes, the producer
+//! stops and the upstream connection is dropped.
+//!
+//! [`serve`] is the one entry point: it takes the listener, the config and a
+//! shutdown future, so tests run the real server on port 0.
+
+#![forbid(unsafe_code)]
+
+use std::{
+    future::{Future, IntoFuture},
+    sync::Arc,
+    time::Duration,
+};
+
+use axum::{middleware, serve::ListenerExt};
+use tokio::net::TcpListener;
+
+pub mod auth;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod grpc;
+pub mod http;
+pub mod proto;
+pub mod providers;
+pub mod routing;
+pub mod simulator;
+pub mod telemetry;
+
+pub use config::Config;
+pub use error::Error;
+
+use crate::{
+    auth::Keys,
+    grpc::ChatCore,
+    http::{HttpState, Readiness},
+    proto::chat_server::ChatServer,
+    routing::Router,
+};
+
+/// Why the server could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("building the upstream HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+    #[error("building gRPC reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("serving: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The upstream HTTP client: pooled, with connect and keep-alive bounds.
+/// Per-attempt deadlines are the router's, not the client's.
+pub fn upstream_client() -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .pool_idle_timeout(Duration::from_secs(90))
+        .tcp_nodelay(true)
+        .build()
+}
+
+/// Serves the gateway on `listener` until `shutdown` resolves, then stops
+/// accepting, reports not-ready, and lets in-flight requests and streams
+/// finish for up to `server.shutdown_grace`.
+pub async fn serve<F>(listener: TcpListener, config: Config, shutdown: F) -> Result<(), ServeError>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let keys = Arc::new(Keys::from_config(&config.keys));
+    let router = Arc::new(Router::new(&config, upstream_client()?));
+    let core = Arc::new(ChatCore::new(keys.clone(), router, config.server.request_timeout));
+    let readiness = Arc::new(Readiness::default());
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<ChatServer<ChatCore>>().await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let grpc = tonic::service::Routes::new(ChatServer::from_arc(core.clone()))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .prepare()
+        .into_axum_router();
+
+    let state = HttpState {
+        core,
+        keys,
+        max_body_bytes: config.server.max_body_bytes,
+        readiness: readiness.clone(),
+    };
+    let app = http::router(state)
+        .merge(grpc)
+        .fallback(http::fallback)
+        .layer(middleware::from_fn(http::request_id));
+
+    let grace = config.server.shutdown_grace;
+    let (draining_tx, mut draining_rx) = tokio::sync::watch::channel(false);
+    let signal = async move {
+        shutdown.await;
+        tracing::info!(grace = ?grace, "shutting down: draining in-flight requests");
+        readiness.start_draining();
+        health.set_not_serving::<ChatServer<ChatCore>>().await;
+        let _ = draining_tx.send(true);
+    };
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    let server = axum::serve(listener, app).with_graceful_shutdown(signal).into_future();
+    tokio::select! {
+        r = server => r?,
+        _ = async {
+            let _ = draining_rx.wait_for(|d| *d).await;
+            tokio::time::sleep(grace).await;
+        } => {
+            tracing::warn!("shutdown grace elapsed; closing the connections still open");
+        }
+    }
+    Ok(())
+}
+
+/// Resolves on SIGTERM or ctrl-c: the binary's shutdown future.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
