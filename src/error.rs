@@ -64,26 +64,30 @@ struct Row {
     code: &'static str,
     http: StatusCode,
     grpc: tonic::Code,
+    kind: &'static str,
 }
 
 impl Error {
     /// The table. Every mapping of an error to the outside world reads it.
+    /// `kind` is the OpenAI-style `type` also put in the envelope, so the
+    /// official SDKs classify our errors as they classify OpenAI's.
     fn row(&self) -> Row {
         use tonic::Code as G;
-        let (code, http, grpc) = match self {
-            Error::InvalidInput { .. } => ("invalid_input", StatusCode::BAD_REQUEST, G::InvalidArgument),
-            Error::MethodNotAllowed { .. } => ("invalid_input", StatusCode::METHOD_NOT_ALLOWED, G::Unimplemented),
-            Error::PayloadTooLarge { .. } => ("invalid_input", StatusCode::PAYLOAD_TOO_LARGE, G::InvalidArgument),
-            Error::Unauthenticated(_) => ("unauthenticated", StatusCode::UNAUTHORIZED, G::Unauthenticated),
-            Error::InsufficientQuota(_) => ("insufficient_quota", StatusCode::PAYMENT_REQUIRED, G::ResourceExhausted),
-            Error::PermissionDenied(_) => ("permission_denied", StatusCode::FORBIDDEN, G::PermissionDenied),
-            Error::NotFound { .. } => ("not_found", StatusCode::NOT_FOUND, G::NotFound),
-            Error::RateLimited { .. } => ("rate_limited", StatusCode::TOO_MANY_REQUESTS, G::ResourceExhausted),
-            Error::Internal(_) => ("internal_error", StatusCode::INTERNAL_SERVER_ERROR, G::Internal),
-            Error::ProviderUnavailable { .. } => ("provider_unavailable", StatusCode::BAD_GATEWAY, G::Unavailable),
-            Error::Timeout { .. } => ("timeout", StatusCode::GATEWAY_TIMEOUT, G::DeadlineExceeded),
+        use StatusCode as H;
+        let (code, http, grpc, kind) = match self {
+            Error::InvalidInput { .. } => ("invalid_input", H::BAD_REQUEST, G::InvalidArgument, "invalid_request_error"),
+            Error::MethodNotAllowed { .. } => ("invalid_input", H::METHOD_NOT_ALLOWED, G::Unimplemented, "invalid_request_error"),
+            Error::PayloadTooLarge { .. } => ("invalid_input", H::PAYLOAD_TOO_LARGE, G::InvalidArgument, "invalid_request_error"),
+            Error::Unauthenticated(_) => ("unauthenticated", H::UNAUTHORIZED, G::Unauthenticated, "authentication_error"),
+            Error::InsufficientQuota(_) => ("insufficient_quota", H::PAYMENT_REQUIRED, G::ResourceExhausted, "insufficient_quota"),
+            Error::PermissionDenied(_) => ("permission_denied", H::FORBIDDEN, G::PermissionDenied, "permission_error"),
+            Error::NotFound { .. } => ("not_found", H::NOT_FOUND, G::NotFound, "not_found_error"),
+            Error::RateLimited { .. } => ("rate_limited", H::TOO_MANY_REQUESTS, G::ResourceExhausted, "rate_limit_error"),
+            Error::Internal(_) => ("internal_error", H::INTERNAL_SERVER_ERROR, G::Internal, "server_error"),
+            Error::ProviderUnavailable { .. } => ("provider_unavailable", H::BAD_GATEWAY, G::Unavailable, "server_error"),
+            Error::Timeout { .. } => ("timeout", H::GATEWAY_TIMEOUT, G::DeadlineExceeded, "timeout_error"),
         };
-        Row { code, http, grpc }
+        Row { code, http, grpc, kind }
     }
 
     pub fn invalid(message: impl Into<String>, param: impl Into<Option<String>>) -> Self {
@@ -129,15 +133,19 @@ impl Error {
         }
     }
 
-    /// The envelope as a JSON value: `{"error": {"code", "message", "param"}}`.
+    /// The envelope as a JSON value: `{"error": {"code", "message", "param",
+    /// "type"}}`.
     pub fn envelope(&self) -> serde_json::Value {
         #[derive(Serialize)]
         struct Body<'a> {
             code: &'a str,
             message: String,
             param: Option<&'a str>,
+            #[serde(rename = "type")]
+            kind: &'a str,
         }
-        serde_json::json!({ "error": Body { code: self.code(), message: self.to_string(), param: self.param() } })
+        let row = self.row();
+        serde_json::json!({ "error": Body { code: row.code, message: self.to_string(), param: self.param(), kind: row.kind } })
     }
 
     /// The envelope as bytes; used for HTTP bodies and in-band SSE errors.

@@ -59,10 +59,14 @@ pub struct Faults {
     pub status: Option<u16>,
     /// `Retry-After` seconds sent with `status`.
     pub retry_after: Option<u64>,
-    /// Reset the connection after this many content events (0: before the
-    /// response starts).
+    /// Close the connection before any response.
+    pub hangup: Option<bool>,
+    /// Reset the connection after this many content events. For a stream,
+    /// 0 means after the preamble (headers and role / message_start events
+    /// are sent); for a sync answer, before the response.
     pub reset_after: Option<u32>,
-    /// Go silent, connection open, after this many content events.
+    /// Go silent, connection open, after this many content events (0, as
+    /// for `reset_after`).
     pub stall_after: Option<u32>,
     /// Send an unparseable event (or body) after this many content events.
     pub malformed_after: Option<u32>,
@@ -80,7 +84,7 @@ impl Faults {
         macro_rules! take {
             ($($f:ident),*) => { $( if other.$f.is_some() { self.$f = other.$f.clone(); } )* };
         }
-        take!(latency_ms, chunk_delay_ms, status, retry_after, reset_after, stall_after, malformed_after, fail_rate, tokens, cached_tokens);
+        take!(latency_ms, chunk_delay_ms, status, retry_after, hangup, reset_after, stall_after, malformed_after, fail_rate, tokens, cached_tokens);
     }
 
     /// Parses `key=value,key=value` (path segments and headers).
@@ -88,7 +92,11 @@ impl Faults {
         let mut obj = serde_json::Map::new();
         for pair in spec.split(',').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').ok_or_else(|| format!("expected key=value, got {pair:?}"))?;
-            let v: Value = v.parse::<u64>().map(Value::from).or_else(|_| v.parse::<f64>().map(Value::from)).map_err(|_| format!("{k}: not a number: {v:?}"))?;
+            let v: Value = match v {
+                "true" => Value::Bool(true),
+                "false" => Value::Bool(false),
+                _ => v.parse::<u64>().map(Value::from).or_else(|_| v.parse::<f64>().map(Value::from)).map_err(|_| format!("{k}: not a number: {v:?}"))?,
+            };
             obj.insert(k.to_owned(), v);
         }
         serde_json::from_value(Value::Object(obj)).map_err(|e| e.to_string())
@@ -390,6 +398,9 @@ fn stream_frames(state: Arc<SimState>, frames: Vec<Frame>, faults: Faults, malfo
             };
             if frame.content {
                 if faults.reset_after == Some(sent) {
+                    // Let what was sent reach the client first, as it would
+                    // from a provider that flushes every event.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                     return Some((Err(std::io::Error::other("simulated reset")), (frames, sent, guard, true)));
                 }
                 if faults.stall_after == Some(sent) {
@@ -420,12 +431,15 @@ async fn preflight(state: &Arc<SimState>, prefix: Prefix, path: &str, headers: &
     if let Some(ms) = faults.latency_ms.filter(|&ms| ms > 0) {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
-    if faults.reset_after == Some(0) {
+    // Streams fail at their first content event (after the preamble); a
+    // sync answer has no preamble, so it fails before the response.
+    let streaming = body.get("stream").and_then(Value::as_bool) == Some(true);
+    if faults.hangup == Some(true) || (!streaming && faults.reset_after == Some(0)) {
         let mut r = Response::new(Body::empty());
         r.extensions_mut().insert(ResetConnection);
         return Err(r);
     }
-    if faults.stall_after == Some(0) {
+    if !streaming && faults.stall_after == Some(0) {
         std::future::pending::<()>().await;
     }
     let failed = faults.fail_rate.is_some_and(|rate| state.draw() < rate);
