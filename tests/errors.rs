@@ -1,6 +1,8 @@
 //! Every error of API.md's table that chat can produce, in the check order
 //! API.md gives, each as the one envelope.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use common::*;

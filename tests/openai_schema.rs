@@ -3,6 +3,8 @@
 //! validates against its response schemas, and what the openai adapter
 //! sends upstream against its request schema.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use std::sync::OnceLock;

@@ -210,11 +210,8 @@ fn content_blocks(m: &Message) -> Result<Vec<Value>, String> {
     let mut out = Vec::new();
     match &m.content {
         None => {}
-        Some(message::Content::Text(t)) => {
-            if !t.is_empty() {
-                out.push(json!({"type": "text", "text": t}));
-            }
-        }
+        Some(message::Content::Text(t)) if t.is_empty() => {}
+        Some(message::Content::Text(t)) => out.push(json!({"type": "text", "text": t})),
         Some(message::Content::Parts(p)) => {
             for part in &p.parts {
                 match &part.part {

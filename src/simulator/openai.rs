@@ -82,7 +82,7 @@ fn ask(req: &ChatRequest) -> Ask {
     let last_is_user = msgs.last().is_some_and(|m| m.role == Role::User as i32);
     let choice = req.tool_choice.as_ref().and_then(|c| c.choice.as_ref());
     let tool = match choice {
-        _ if req.tools.is_empty() || !last_is_user || prefill.len() > 0 => None,
+        _ if req.tools.is_empty() || !last_is_user || !prefill.is_empty() => None,
         Some(tool_choice::Choice::Mode(m)) if m == "none" => None,
         Some(tool_choice::Choice::FunctionName(n)) => Some(n.clone()),
         _ => req.tools[0].function.as_ref().map(|f| f.name.clone()),

@@ -1,6 +1,6 @@
 //! Test harness: the real gateway on port 0 with the provider simulator
 //! behind it, both over real HTTP on loopback.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 

@@ -1,0 +1,107 @@
+//! The `switchyard` binary as an operator runs it: `check` exit codes and
+//! messages, and `demo` answering the curl line it prints.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
+
+fn check(config: &str, env: &[(&str, &str)]) -> (i32, String, String) {
+    let dir = std::env::temp_dir().join(format!("switchyard-cli-{}-{}", std::process::id(), rand_suffix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("switchyard.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = Command::new(BIN).args(["check", "--config"]).arg(&path).envs(env.iter().copied()).output().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    (out.status.code().unwrap(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::SeqCst)
+}
+
+#[test]
+fn check_accepts_the_example_config() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/switchyard.example.toml")).unwrap();
+    let env = [("OPENAI_API_KEY", "sk-1"), ("TOGETHER_API_KEY", "t-1"), ("ANTHROPIC_API_KEY", "a-1"), ("SWITCHYARD_CI_KEY", "ze_ci_key_0123456789")];
+    let (code, out, err) = check(&text, &env);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("ok"), "{out}");
+}
+
+#[test]
+fn check_lists_every_problem_and_exits_2() {
+    let text = r#"
+[[providers]]
+id = "p"
+kind = "openai"
+base_url = "ftp://nope"
+api_key = "sk-very-secret-value"
+
+[[models]]
+id = "m"
+  [[models.routes]]
+  provider = "ghost"
+  upstream_model = "x"
+
+[[keys]]
+name = "k"
+key = "not-a-gateway-key"
+"#;
+    let (code, _, err) = check(text, &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("providers[0].base_url"), "{err}");
+    assert!(err.contains("unknown provider \"ghost\""), "{err}");
+    assert!(err.contains("keys[0].key"), "{err}");
+    assert!(!err.contains("sk-very-secret-value"), "secrets never reach errors: {err}");
+}
+
+#[test]
+fn check_names_line_and_path_of_unknown_keys_and_missing_env() {
+    let (code, _, err) = check("[server]\nlisten = \"127.0.0.1:1\"\nlisten_port = 3\n", &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("line 3") && err.contains("listen_port"), "{err}");
+    let (code, _, err) = check("[storage]\nurl = \"${SWITCHYARD_TEST_UNSET_VAR}\"\n", &[]);
+    assert_eq!(code, 2);
+    assert!(err.contains("SWITCHYARD_TEST_UNSET_VAR") && err.contains("storage.url"), "{err}");
+}
+
+#[test]
+fn demo_answers_its_own_curl_line() {
+    let mut child = Command::new(BIN)
+        .args(["demo", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let first = lines.next().unwrap().unwrap();
+    let addr = first.split("http://").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
+    // The banner names the demo key; stop reading there (stdout stays open).
+    let key_line = lines.by_ref().map(Result::unwrap).find(|l| l.contains("key:")).expect("the banner names a key");
+    assert!(key_line.contains(switchyard::demo::DEMO_KEY), "{key_line}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let text = rt.block_on(async {
+        reqwest::Client::new()
+            .post(format!("http://{addr}/v1/chat/completions"))
+            .bearer_auth(switchyard::demo::DEMO_KEY)
+            .json(&serde_json::json!({"model": "gpt-4o-mini", "stream": true, "messages": [{"role": "user", "content": "Hello!"}]}))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(text.contains("chat.completion.chunk"), "{text}");
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+}
