@@ -41,8 +41,6 @@ struct Admitted {
     model: Arc<Model>,
     deadline: Instant,
     failover: bool,
-    #[allow(dead_code)]
-    principal: Arc<Principal>,
 }
 
 impl ChatCore {
@@ -87,7 +85,6 @@ impl ChatCore {
             model,
             deadline: Instant::now() + timeout,
             failover,
-            principal,
         })
     }
 }
@@ -186,6 +183,7 @@ impl Chat for ChatCore {
             .await?;
         let (tx, rx) = mpsc::channel(32);
         let relay = Relay {
+            provider: served.route.provider.clone(),
             id: new_completion_id(),
             created: unix_now(),
             model: req.model,
@@ -204,6 +202,7 @@ impl Chat for ChatCore {
 /// Relays one upstream stream to one client, rewriting every chunk to the
 /// stream's own id, model and creation time.
 struct Relay {
+    provider: String,
     id: String,
     created: i64,
     model: String,
@@ -274,7 +273,7 @@ impl Relay {
                             })
                             .await
                     }
-                    Err(_) => return self.fail(mid_stream(UpstreamError::new("upstream", crate::error::UpstreamErrorKind::Stall, format!("no event within {idle:?}")))).await,
+                    Err(_) => return self.fail(mid_stream(UpstreamError::new(&self.provider, crate::error::UpstreamErrorKind::Stall, format!("no event within {idle:?}")))).await,
                 }
             }
         }

@@ -189,17 +189,25 @@ async fn failover_off_tries_one_provider() {
 #[tokio::test]
 async fn a_stream_broken_after_content_ends_with_an_error_event_not_done() {
     let h = start().await;
-    h.faults("oa-1", Faults { reset_after: Some(3), ..Default::default() });
-    let resp = h.post_chat(&json!({"model": "gpt-4o-mini", "stream": true, "messages": user("Hello")})).header("x-switchyard-failover", "off").send().await.unwrap();
-    assert_eq!(resp.status(), 200);
-    let text = resp.text().await.unwrap();
-    let data = sse_data(&text);
-    assert_ne!(data.last().unwrap(), "[DONE]", "a truncated stream never looks complete: {text}");
-    let err: Value = serde_json::from_str(data.last().unwrap()).unwrap();
-    assert_eq!(err["error"]["code"], "provider_unavailable");
-    let (chunks, _) = sse_chunks(&text.replace(&format!("data: {}\n\n", data.last().unwrap()), ""));
-    let words: Vec<String> = expected_answer("Hello", 16).split(' ').map(str::to_owned).collect();
-    assert_eq!(streamed_text(&chunks), words[..3].join(" "), "what was sent before the break");
+    let breaks = [
+        Faults { reset_after: Some(3), ..Default::default() },
+        Faults { malformed_after: Some(3), ..Default::default() },
+        // A stall longer than the provider's idle_timeout (1s here).
+        Faults { stall_after: Some(3), ..Default::default() },
+    ];
+    for f in breaks {
+        h.faults("oa-1", f.clone());
+        let resp = h.post_chat(&json!({"model": "gpt-4o-mini", "stream": true, "messages": user("Hello")})).header("x-switchyard-failover", "off").send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let text = resp.text().await.unwrap();
+        let data = sse_data(&text);
+        assert_ne!(data.last().unwrap(), "[DONE]", "a truncated stream never looks complete ({f:?}): {text}");
+        let err: Value = serde_json::from_str(data.last().unwrap()).unwrap();
+        assert_eq!(err["error"]["code"], "provider_unavailable", "{f:?}");
+        let (chunks, _) = sse_chunks(&text.replace(&format!("data: {}\n\n", data.last().unwrap()), ""));
+        let words: Vec<String> = expected_answer("Hello", 16).split(' ').map(str::to_owned).collect();
+        assert_eq!(streamed_text(&chunks), words[..3].join(" "), "what was sent before the break ({f:?})");
+    }
 }
 
 #[tokio::test]

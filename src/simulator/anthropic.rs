@@ -81,7 +81,7 @@ async fn messages_at(State(state): State<Arc<SimState>>, prefix: Prefix, req: Re
     if body.get("stream").and_then(Value::as_bool) == Some(true) {
         return stream_frames(state, frames(&plan), faults, b"event: content_block_delta\ndata: {\"type\": \n\n");
     }
-    sync_response(&state, message(&plan), &faults)
+    sync_response(message(&plan), &faults)
 }
 
 fn ask(body: &Value, msgs: &[Value], max_tokens: u64) -> Ask {

@@ -460,8 +460,7 @@ fn json_response(v: &Value) -> Response {
 }
 
 /// A sync answer with the faults that apply to a whole body.
-fn sync_response(state: &SimState, body: Value, faults: &Faults) -> Response {
-    let _ = state;
+fn sync_response(body: Value, faults: &Faults) -> Response {
     if faults.malformed_after.is_some() {
         return ([(http::header::CONTENT_TYPE, "application/json")], "{\"id\": \"broken").into_response();
     }

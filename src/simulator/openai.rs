@@ -65,7 +65,7 @@ async fn chat_at(State(state): State<Arc<SimState>>, prefix: Prefix, req: Reques
     }
     let completion = completion(&plan, n);
     let body: Value = serde_json::from_slice(&openai_json::completion_to_json(&completion)).unwrap_or_default();
-    sync_response(&state, body, &faults)
+    sync_response(body, &faults)
 }
 
 fn ask(req: &ChatRequest) -> Ask {
