@@ -121,6 +121,16 @@ pub struct RoutingConfig {
     pub max_attempts: u32,
     pub hedge: Hedge,
     pub mid_stream_failover: bool,
+    /// Consecutive failures that open a route's circuit.
+    pub breaker_threshold: u32,
+    /// How long an open circuit waits before letting a probe through
+    /// (doubling, up to 60s, while probes fail).
+    #[serde(deserialize_with = "de::duration")]
+    pub breaker_cooldown: Duration,
+    /// How long the scorer remembers: the time constant of each route's
+    /// latency and error-rate figures.
+    #[serde(deserialize_with = "de::duration")]
+    pub decay: Duration,
 }
 
 impl Default for RoutingConfig {
@@ -129,6 +139,9 @@ impl Default for RoutingConfig {
             max_attempts: 3,
             hedge: Hedge::Off,
             mid_stream_failover: true,
+            breaker_threshold: 5,
+            breaker_cooldown: Duration::from_secs(5),
+            decay: Duration::from_secs(10),
         }
     }
 }
@@ -373,6 +386,9 @@ impl Config {
         }
         if self.routing.max_attempts == 0 {
             p("routing.max_attempts: must be at least 1".into());
+        }
+        if self.routing.breaker_threshold == 0 || self.routing.breaker_cooldown.is_zero() || self.routing.decay.is_zero() {
+            p("routing.breaker_threshold, routing.breaker_cooldown and routing.decay: must be positive".into());
         }
         if !(0.0..=1.0).contains(&self.telemetry.sample_ratio) {
             p("telemetry.sample_ratio: must be between 0 and 1".into());

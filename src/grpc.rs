@@ -21,9 +21,10 @@ use tonic::{metadata::MetadataValue, Request, Response, Status};
 
 use crate::{
     auth::{Keys, Principal},
-    error::{Error, UpstreamError},
+    error::Error,
     proto::{chat_server::Chat, ChatChunk, ChatCompletion, ChatRequest, Role, Usage},
-    routing::{Model, Router, Started},
+    routing::{CallOpts, Model, Router},
+    telemetry::RequestTrace,
 };
 
 /// Metadata the façade (or a gRPC client) uses to forbid failover.
@@ -39,8 +40,7 @@ pub struct ChatCore {
 /// What admission decided about a request.
 struct Admitted {
     model: Arc<Model>,
-    deadline: Instant,
-    failover: bool,
+    opts: CallOpts,
 }
 
 impl ChatCore {
@@ -81,14 +81,17 @@ impl ChatCore {
             .get(META_FAILOVER)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.eq_ignore_ascii_case("off"));
+        let trace = request.extensions().get::<RequestTrace>().map(|t| t.0.clone()).unwrap_or_default();
         Ok(Admitted {
             model,
-            deadline: Instant::now() + timeout,
-            failover,
+            opts: CallOpts {
+                deadline: Instant::now() + timeout,
+                failover,
+                trace,
+            },
         })
     }
 }
-
 /// What the proto allows but the API does not.
 fn validate(req: &ChatRequest) -> Result<(), Error> {
     if req.model.is_empty() {
@@ -156,15 +159,12 @@ impl Chat for ChatCore {
 
     async fn complete(&self, request: Request<ChatRequest>) -> Result<Response<ChatCompletion>, Status> {
         let admitted = self.admit(&request)?;
-        let req = request.into_inner();
-        let served = self
-            .router
-            .complete(&admitted.model, &req, admitted.deadline, admitted.failover)
-            .await?;
+        let req = Arc::new(request.into_inner());
+        let served = self.router.complete(&admitted.model, req.clone(), &admitted.opts).await?;
         let mut completion = served.value;
         completion.id = new_completion_id();
         completion.created = unix_now();
-        completion.model = req.model;
+        completion.model.clone_from(&req.model);
         if completion.usage.is_none() {
             completion.usage = Some(Usage::default());
         }
@@ -175,126 +175,67 @@ impl Chat for ChatCore {
 
     async fn complete_stream(&self, request: Request<ChatRequest>) -> Result<Response<Self::CompleteStreamStream>, Status> {
         let admitted = self.admit(&request)?;
-        let req = request.into_inner();
+        let req = Arc::new(request.into_inner());
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
-        let served = self
-            .router
-            .stream(&admitted.model, &req, admitted.deadline, admitted.failover)
-            .await?;
+        let served = self.router.stream(&admitted.model, req.clone(), admitted.opts).await?;
         let (tx, rx) = mpsc::channel(32);
         let relay = Relay {
-            provider: served.route.provider.clone(),
             id: new_completion_id(),
             created: unix_now(),
-            model: req.model,
+            model: req.model.clone(),
             include_usage,
-            usage: None,
             tx,
         };
-        let idle = served.route.idle_timeout;
-        tokio::spawn(relay.run(served.value, idle, admitted.deadline));
+        tokio::spawn(relay.run(served.value.into_stream()));
         let mut resp = Response::new(ReceiverStream::new(rx));
         served_metadata(&mut resp, &served.route.provider, served.attempts);
         Ok(resp)
     }
 }
 
-/// Relays one upstream stream to one client, rewriting every chunk to the
+/// Relays one routed stream to one client, rewriting every chunk to the
 /// stream's own id, model and creation time.
 struct Relay {
-    provider: String,
     id: String,
     created: i64,
     model: String,
     include_usage: bool,
-    usage: Option<Usage>,
     tx: mpsc::Sender<Result<ChatChunk, Status>>,
 }
 
-enum Sent {
-    Ok,
-    ClientGone,
-}
-
 impl Relay {
-    async fn send(&mut self, mut chunk: ChatChunk) -> Sent {
-        // Usage is held back and sent once, last, and only to clients that
-        // asked for it; the chunk that carried it may also carry content.
-        if let Some(u) = chunk.usage.take() {
-            self.usage = Some(u);
-        }
-        if chunk.choices.is_empty() {
-            return Sent::Ok;
-        }
-        chunk.id.clone_from(&self.id);
-        chunk.model.clone_from(&self.model);
-        chunk.created = self.created;
-        match self.tx.send(Ok(chunk)).await {
-            Ok(()) => Sent::Ok,
-            Err(_) => Sent::ClientGone,
-        }
-    }
-
-    async fn fail(&self, e: Error) {
-        let _ = self.tx.send(Err(e.to_status())).await;
-    }
-
-    async fn run(mut self, started: Started, idle: Duration, deadline: Instant) {
-        let Started { head, mut rest, finished } = started;
-        for chunk in head {
-            if let Sent::ClientGone = self.send(chunk).await {
+    async fn run(self, stream: impl futures_util::Stream<Item = Result<ChatChunk, Error>> + Send) {
+        let mut stream = std::pin::pin!(stream);
+        loop {
+            let next = tokio::select! {
+                // The client left: dropping the stream closes the upstream.
+                _ = self.tx.closed() => {
+                    tracing::debug!("client went away mid-stream; closing upstream");
+                    return;
+                }
+                next = stream.next() => next,
+            };
+            let item = match next {
+                None => return,
+                Some(Err(e)) => Err(e.to_status()),
+                Some(Ok(mut chunk)) => {
+                    // Usage is sent only to clients that asked for it.
+                    if chunk.usage.is_some() && !self.include_usage {
+                        chunk.usage = None;
+                        if chunk.choices.is_empty() && chunk.failover.is_none() {
+                            continue;
+                        }
+                    }
+                    chunk.id.clone_from(&self.id);
+                    chunk.model.clone_from(&self.model);
+                    chunk.created = self.created;
+                    Ok(chunk)
+                }
+            };
+            let last = item.is_err();
+            if self.tx.send(item).await.is_err() || last {
                 return;
             }
         }
-        if !finished {
-            loop {
-                let wait = deadline.min(Instant::now() + idle);
-                let next = tokio::select! {
-                    // The client left: dropping `rest` closes the upstream.
-                    _ = self.tx.closed() => {
-                        tracing::debug!("client went away mid-stream; closing upstream");
-                        return;
-                    }
-                    next = tokio::time::timeout_at(wait, rest.next()) => next,
-                };
-                match next {
-                    Ok(Some(Ok(chunk))) => {
-                        if let Sent::ClientGone = self.send(chunk).await {
-                            return;
-                        }
-                    }
-                    Ok(None) => break,
-                    Ok(Some(Err(e))) => return self.fail(mid_stream(e)).await,
-                    Err(_) if Instant::now() >= deadline => {
-                        return self
-                            .fail(Error::Timeout {
-                                message: "the request's deadline passed mid-stream".into(),
-                                attempts: 1,
-                            })
-                            .await
-                    }
-                    Err(_) => return self.fail(mid_stream(UpstreamError::new(&self.provider, crate::error::UpstreamErrorKind::Stall, format!("no event within {idle:?}")))).await,
-                }
-            }
-        }
-        if self.include_usage {
-            let usage = ChatChunk {
-                id: self.id.clone(),
-                created: self.created,
-                model: self.model.clone(),
-                choices: vec![],
-                usage: Some(self.usage.unwrap_or_default()),
-                system_fingerprint: None,
-            };
-            let _ = self.tx.send(Ok(usage)).await;
-        }
-    }
-}
-
-fn mid_stream(e: UpstreamError) -> Error {
-    tracing::warn!(class = e.class(), "stream failed after content: {e}");
-    Error::ProviderUnavailable {
-        message: format!("the stream broke after content was sent: {e}"),
-        attempts: 1,
     }
 }

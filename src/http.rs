@@ -36,6 +36,7 @@ use crate::{
     error::{Error, META_ATTEMPTS},
     grpc::{ChatCore, META_FAILOVER, META_PROVIDER},
     proto::{chat_server::Chat, openai_json, ChatChunk},
+    telemetry::RequestTrace,
 };
 
 /// Whether this replica should receive traffic; false while draining.
@@ -137,9 +138,12 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: u64) -> Result<Bytes,
 
 /// Builds the core request: the principal, and the client's routing wishes
 /// as metadata.
-fn core_request<T>(message: T, principal: Arc<Principal>, headers: &HeaderMap) -> Result<tonic::Request<T>, Error> {
+fn core_request<T>(message: T, principal: Arc<Principal>, trace: Option<RequestTrace>, headers: &HeaderMap) -> Result<tonic::Request<T>, Error> {
     let mut req = tonic::Request::new(message);
     req.extensions_mut().insert(principal);
+    if let Some(t) = trace {
+        req.extensions_mut().insert(t);
+    }
     let md = req.metadata_mut();
     if let Some(v) = headers.get("x-switchyard-timeout-ms") {
         let ms = v
@@ -171,17 +175,23 @@ fn copy_served(md: &tonic::metadata::MetadataMap, headers: &mut HeaderMap) {
     }
 }
 
-async fn chat_completions(State(state): State<HttpState>, Extension(principal): Extension<Arc<Principal>>, headers: HeaderMap, body: Body) -> Response {
-    match chat(state, principal, headers, body).await {
+async fn chat_completions(
+    State(state): State<HttpState>,
+    Extension(principal): Extension<Arc<Principal>>,
+    trace: Option<Extension<RequestTrace>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    match chat(state, principal, trace.map(|t| t.0), headers, body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
 }
 
-async fn chat(state: HttpState, principal: Arc<Principal>, headers: HeaderMap, body: Body) -> Result<Response, Error> {
+async fn chat(state: HttpState, principal: Arc<Principal>, trace: Option<RequestTrace>, headers: HeaderMap, body: Body) -> Result<Response, Error> {
     let bytes = read_body(&headers, body, state.max_body_bytes).await?;
     let parsed = openai_json::parse_request(&bytes)?;
-    let req = core_request(parsed.request, principal, &headers)?;
+    let req = core_request(parsed.request, principal, trace, &headers)?;
     if !parsed.stream {
         let resp = state.core.complete(req).await?;
         let mut out = Response::new(Body::from(openai_json::completion_to_json(resp.get_ref())));
@@ -212,6 +222,10 @@ where
             return None;
         }
         let (frame, done) = match chunks.next().await {
+            // A provider switch, announced as a comment SDKs ignore.
+            Some(Ok(ChatChunk { failover: Some(f), .. })) => {
+                (Bytes::from(format!(": switchyard failover provider={} attempt={}\n\n", f.provider, f.attempt)), false)
+            }
             Some(Ok(chunk)) => (sse_frame(&openai_json::chunk_to_json(&chunk)), false),
             Some(Err(status)) => (sse_frame(&Error::from_status(&status).envelope_bytes()), true),
             None => (Bytes::from_static(b"data: [DONE]\n\n"), true),

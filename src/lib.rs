@@ -62,6 +62,7 @@ use crate::{
     http::{HttpState, Readiness},
     proto::chat_server::ChatServer,
     routing::Router,
+    telemetry::Telemetry,
 };
 
 /// Why the server could not start or stopped abnormally.
@@ -73,6 +74,8 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("serving: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Telemetry(#[from] telemetry::TelemetryError),
 }
 
 /// The upstream HTTP client: pooled, with connect and keep-alive bounds.
@@ -92,8 +95,9 @@ pub async fn serve<F>(listener: TcpListener, config: Config, shutdown: F) -> Res
 where
     F: Future<Output = ()> + Send + 'static,
 {
+    let telemetry = Arc::new(Telemetry::new(&config.telemetry)?);
     let keys = Arc::new(Keys::from_config(&config.keys));
-    let router = Arc::new(Router::new(&config, upstream_client()?));
+    let router = Arc::new(Router::new(&config, upstream_client()?, telemetry.clone()));
     let core = Arc::new(ChatCore::new(keys.clone(), router, config.server.request_timeout));
     let readiness = Arc::new(Readiness::default());
 
@@ -123,6 +127,7 @@ where
     let app = http::router(state)
         .merge(grpc)
         .fallback(http::fallback)
+        .layer(middleware::from_fn_with_state(telemetry.clone(), telemetry::trace_request))
         .layer(middleware::from_fn(http::request_id));
 
     let grace = config.server.shutdown_grace;
@@ -147,6 +152,7 @@ where
             tracing::warn!("shutdown grace elapsed; closing the connections still open");
         }
     }
+    telemetry.shutdown(Duration::from_secs(5)).await;
     Ok(())
 }
 

@@ -1,8 +1,43 @@
-//! Logs (and, with the router issue, traces): structured, to stderr,
-//! filtered by `RUST_LOG`. Nothing here ever formats a provider secret:
-//! configs carry them as `config::Secret`, whose `Debug` hides the value.
+//! Logs and traces.
+//!
+//! Logs: structured, to stderr, filtered by `RUST_LOG`, installed by the
+//! binary once. Traces: OpenTelemetry, one span per request and one child
+//! span per provider attempt, exported over OTLP/gRPC. Each server instance
+//! owns its tracer provider (no process-global tracer), so tests can run
+//! several gateways with different collectors in one process.
+//!
+//! Trace ids exist even with no collector configured: every response
+//! carries the `traceparent` of its request, and an incoming `traceparent`
+//! is continued. Export runs on a background batch processor with a bounded
+//! queue: it never blocks or slows the request path, and a dead collector
+//! loses spans, not requests.
+//!
+//! Nothing here ever records a provider secret: spans carry the provider
+//! id, models, outcome and token counts, never headers or bodies.
 
+use std::{sync::Arc, time::Duration};
+
+use axum::{
+    body::Body,
+    extract::{Request, State},
+    middleware::Next,
+    response::Response,
+};
+use http::HeaderValue;
+use http_body_util::BodyExt;
+use opentelemetry::{
+    propagation::{Extractor, TextMapPropagator},
+    trace::{SpanKind, Status, TraceContextExt, Tracer as _},
+    Context, KeyValue,
+};
+use opentelemetry_sdk::{
+    propagation::TraceContextPropagator,
+    trace::{BatchConfigBuilder, Sampler, SdkTracer, SdkTracerProvider},
+    Resource,
+};
 use tracing_subscriber::{fmt, EnvFilter};
+
+use crate::{config::TelemetryConfig, error::UpstreamError, proto::Usage};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum LogFormat {
@@ -19,4 +54,258 @@ pub fn init_logs(format: LogFormat) {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+}
+
+/// The request's trace context, put in request extensions by
+/// [`trace_request`] for the core and the router to parent spans on.
+#[derive(Clone, Debug)]
+pub struct RequestTrace(pub Context);
+
+pub struct Telemetry {
+    provider: SdkTracerProvider,
+    tracer: SdkTracer,
+    propagator: TraceContextPropagator,
+    exporting: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("building the OTLP exporter: {0}")]
+pub struct TelemetryError(String);
+
+impl Telemetry {
+    pub fn new(config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
+        let resource = Resource::builder().with_service_name(config.service_name.clone()).build();
+        let sampler = Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(config.sample_ratio)));
+        let mut builder = SdkTracerProvider::builder().with_resource(resource).with_sampler(sampler);
+        let exporting = config.otlp_endpoint.is_some();
+        if let Some(endpoint) = &config.otlp_endpoint {
+            use opentelemetry_otlp::WithExportConfig;
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint.clone())
+                .with_timeout(Duration::from_secs(5))
+                .build()
+                .map_err(|e| TelemetryError(e.to_string()))?;
+            // Bounded queue, exported from the tokio runtime in batches; a
+            // full queue drops spans rather than waiting.
+            let batch = BatchConfigBuilder::default()
+                .with_max_queue_size(8192)
+                .with_scheduled_delay(Duration::from_millis(500))
+                .build();
+            let processor = opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor::builder(
+                exporter,
+                opentelemetry_sdk::runtime::Tokio,
+            )
+            .with_batch_config(batch)
+            .build();
+            builder = builder.with_span_processor(processor);
+        }
+        let provider = builder.build();
+        let tracer = opentelemetry::trace::TracerProvider::tracer(&provider, "switchyard");
+        Ok(Telemetry {
+            provider,
+            tracer,
+            propagator: TraceContextPropagator::new(),
+            exporting,
+        })
+    }
+
+    /// Starts a request's span, continuing the client's trace if it sent a
+    /// `traceparent`.
+    pub fn request_span(&self, headers: &http::HeaderMap, name: String, attributes: Vec<KeyValue>) -> Context {
+        let parent = self.propagator.extract(&HeaderExtractor(headers));
+        let span = self
+            .tracer
+            .span_builder(name)
+            .with_kind(SpanKind::Server)
+            .with_attributes(attributes)
+            .start_with_context(&self.tracer, &parent);
+        parent.with_span(span)
+    }
+
+    /// Starts the span of one provider attempt under the request's span.
+    pub fn attempt_span(&self, parent: &Context, a: AttemptInfo<'_>) -> AttemptSpan {
+        let span = self
+            .tracer
+            .span_builder(format!("chat {}", a.upstream_model))
+            .with_kind(SpanKind::Client)
+            .with_attributes(vec![
+                KeyValue::new("gen_ai.operation.name", "chat"),
+                KeyValue::new("gen_ai.provider.name", a.provider_kind.to_owned()),
+                KeyValue::new("gen_ai.system", a.provider_kind.to_owned()),
+                KeyValue::new("gen_ai.request.model", a.upstream_model.to_owned()),
+                KeyValue::new("switchyard.model", a.public_model.to_owned()),
+                KeyValue::new("switchyard.provider.id", a.provider.to_owned()),
+                KeyValue::new("switchyard.attempt", i64::from(a.number)),
+                KeyValue::new("switchyard.attempt.kind", a.kind),
+            ])
+            .start_with_context(&self.tracer, parent);
+        AttemptSpan {
+            cx: parent.with_span(span),
+            finished: false,
+        }
+    }
+
+    /// Flushes what is queued, within `timeout`. Called at shutdown.
+    pub async fn shutdown(&self, timeout: Duration) {
+        if !self.exporting {
+            return;
+        }
+        let provider = self.provider.clone();
+        let flush = tokio::task::spawn_blocking(move || provider.shutdown_with_timeout(timeout));
+        let _ = tokio::time::timeout(timeout + Duration::from_millis(100), flush).await;
+    }
+}
+
+/// What an attempt span is labelled with.
+pub struct AttemptInfo<'a> {
+    pub provider: &'a str,
+    pub provider_kind: &'a str,
+    pub public_model: &'a str,
+    pub upstream_model: &'a str,
+    pub number: u32,
+    /// `first`, `retry`, `hedge` or `continuation`.
+    pub kind: &'static str,
+}
+
+/// The span of one provider attempt. Ends when finished or dropped (a
+/// dropped unfinished attempt was cancelled: a hedge that lost, or a client
+/// that left).
+pub struct AttemptSpan {
+    cx: Context,
+    finished: bool,
+}
+
+impl AttemptSpan {
+    /// The W3C `traceparent` to send upstream, naming this attempt's span.
+    pub fn traceparent(&self) -> Option<String> {
+        traceparent(&self.cx)
+    }
+
+    pub fn first_content(&self, ttft: Duration) {
+        self.cx.span().set_attribute(KeyValue::new("switchyard.ttft_ms", ttft.as_secs_f64() * 1000.0));
+    }
+
+    pub fn succeed(mut self, usage: Option<&Usage>, finish_reason: Option<&'static str>) {
+        let span = self.cx.span();
+        span.set_attribute(KeyValue::new("switchyard.outcome", "success"));
+        if let Some(u) = usage {
+            span.set_attribute(KeyValue::new("gen_ai.usage.input_tokens", i64::from(u.prompt_tokens)));
+            span.set_attribute(KeyValue::new("gen_ai.usage.output_tokens", i64::from(u.completion_tokens)));
+        }
+        if let Some(r) = finish_reason {
+            span.set_attribute(KeyValue::new("gen_ai.response.finish_reasons", opentelemetry::Value::Array(vec![opentelemetry::StringValue::from(r)].into())));
+        }
+        span.set_status(Status::Ok);
+        span.end();
+        self.finished = true;
+    }
+
+    pub fn fail(mut self, e: &UpstreamError, output_tokens: Option<u32>) {
+        let span = self.cx.span();
+        span.set_attribute(KeyValue::new("switchyard.outcome", "failure"));
+        span.set_attribute(KeyValue::new("error.type", e.class()));
+        if let Some(n) = output_tokens {
+            span.set_attribute(KeyValue::new("gen_ai.usage.output_tokens", i64::from(n)));
+        }
+        span.set_status(Status::error(e.to_string()));
+        span.end();
+        self.finished = true;
+    }
+}
+
+impl Drop for AttemptSpan {
+    fn drop(&mut self) {
+        if !self.finished {
+            let span = self.cx.span();
+            span.set_attribute(KeyValue::new("switchyard.outcome", "cancelled"));
+            span.end();
+        }
+    }
+}
+
+/// `00-<trace id>-<span id>-<flags>` for the span in `cx`.
+pub fn traceparent(cx: &Context) -> Option<String> {
+    let sc = cx.span().span_context().clone();
+    sc.is_valid()
+        .then(|| format!("00-{}-{}-{:02x}", sc.trace_id(), sc.span_id(), sc.trace_flags().to_u8()))
+}
+
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+/// Ends the request span when the response body is done (or dropped), so a
+/// stream's span covers the whole stream.
+struct EndOnDrop(Context);
+
+impl Drop for EndOnDrop {
+    fn drop(&mut self) {
+        self.0.span().end();
+    }
+}
+
+/// Middleware: a span for every request, its context in the request's
+/// extensions, and its `traceparent` on the response.
+pub async fn trace_request(State(telemetry): State<Arc<Telemetry>>, mut req: Request, next: Next) -> Response {
+    let is_grpc = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let path = req.uri().path();
+    // Span names stay low-cardinality: unknown paths are not named.
+    let known = path.starts_with("/v1/") || path.starts_with("/switchyard.") || path.starts_with("/grpc.") || matches!(path, "/healthz" | "/readyz");
+    let name = match (is_grpc, known) {
+        (true, true) => path.trim_start_matches('/').to_owned(),
+        (false, true) => format!("{} {}", req.method(), path),
+        (_, false) => format!("{} unknown route", req.method()),
+    };
+    let attributes = vec![
+        KeyValue::new("http.request.method", req.method().to_string()),
+        KeyValue::new("url.path", path.to_owned()),
+    ];
+    let cx = telemetry.request_span(req.headers(), name, attributes);
+    req.extensions_mut().insert(RequestTrace(cx.clone()));
+    let resp = next.run(req).await;
+    let (mut parts, body) = resp.into_parts();
+    cx.span().set_attribute(KeyValue::new("http.response.status_code", i64::from(parts.status.as_u16())));
+    if parts.status.is_server_error() {
+        cx.span().set_status(Status::error(parts.status.to_string()));
+    }
+    if let Some(v) = traceparent(&cx).and_then(|t| HeaderValue::from_str(&t).ok()) {
+        parts.headers.insert("traceparent", v);
+    }
+    let guard = EndOnDrop(cx);
+    let body = Body::new(body.map_frame(move |frame| {
+        let _ = &guard;
+        frame
+    }));
+    Response::from_parts(parts, body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn continues_an_incoming_trace_and_mints_one_otherwise() {
+        let t = Telemetry::new(&TelemetryConfig::default()).unwrap();
+        let mut h = http::HeaderMap::new();
+        h.insert("traceparent", HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
+        let cx = t.request_span(&h, "x".into(), vec![]);
+        let tp = traceparent(&cx).unwrap();
+        assert!(tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"), "{tp}");
+        assert!(!tp.contains("00f067aa0ba902b7"), "a new span of the same trace");
+        let fresh = traceparent(&t.request_span(&http::HeaderMap::new(), "y".into(), vec![])).unwrap();
+        assert_eq!(fresh.len(), 55);
+        assert!(!fresh.contains("4bf92f3577b34da6a3ce929d0e0e4736"));
+    }
 }

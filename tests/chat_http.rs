@@ -115,7 +115,7 @@ async fn streamed_chat_through_the_anthropic_adapter() {
     assert_eq!(headers["x-switchyard-provider"], "an-1");
     assert_one_stream(&chunks, "claude-sonnet-4");
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
-    assert_eq!(streamed_text(&chunks), expected_answer("\nHello", 16));
+    assert_eq!(streamed_text(&chunks), expected_answer("Hello", 16));
     assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], "stop");
     assert_eq!(h.upstream_requests("/p/an-1/")[0].body["stream"], true);
 }

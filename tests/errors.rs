@@ -196,7 +196,9 @@ async fn a_stream_broken_after_content_ends_with_an_error_event_not_done() {
         Faults { stall_after: Some(3), ..Default::default() },
     ];
     for f in breaks {
+        // Both routes break alike: whichever the scorer picks, the stream breaks.
         h.faults("oa-1", f.clone());
+        h.faults("oa-2", f.clone());
         let resp = h.post_chat(&json!({"model": "gpt-4o-mini", "stream": true, "messages": user("Hello")})).header("x-switchyard-failover", "off").send().await.unwrap();
         assert_eq!(resp.status(), 200);
         let text = resp.text().await.unwrap();

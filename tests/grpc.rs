@@ -42,7 +42,7 @@ fn text_of(m: &Message) -> &str {
 async fn unary_chat() {
     let h = start().await;
     let mut c = client(&h).await;
-    for (model, prompt, provider) in [("gpt-4o-mini", "Hello", "oa-1"), ("claude-sonnet-4", "\nHello", "an-1")] {
+    for (model, prompt, provider) in [("gpt-4o-mini", "Hello", "oa-1"), ("claude-sonnet-4", "Hello", "an-1")] {
         let resp = c.complete(request(model, "Hello", KEY)).await.unwrap();
         assert_eq!(resp.metadata().get("x-switchyard-provider").unwrap(), provider);
         assert_eq!(resp.metadata().get("x-switchyard-attempts").unwrap(), "1");

@@ -33,7 +33,7 @@ fn request(model: &str, stream: bool) -> async_openai::types::chat::CreateChatCo
 #[tokio::test]
 async fn sdk_sync_completion() {
     let h = start().await;
-    for (model, prompt) in [("gpt-4o-mini", "Hello"), ("claude-sonnet-4", "\nHello")] {
+    for (model, prompt) in [("gpt-4o-mini", "Hello"), ("claude-sonnet-4", "Hello")] {
         let resp = sdk(&h).chat().create(request(model, false)).await.unwrap();
         assert_eq!(resp.model, model);
         assert_eq!(resp.choices[0].message.content.as_deref(), Some(expected_answer(prompt, 16).as_str()));
@@ -44,7 +44,7 @@ async fn sdk_sync_completion() {
 #[tokio::test]
 async fn sdk_streamed_completion_with_usage() {
     let h = start().await;
-    for (model, prompt) in [("gpt-4o-mini", "Hello"), ("claude-sonnet-4", "\nHello")] {
+    for (model, prompt) in [("gpt-4o-mini", "Hello"), ("claude-sonnet-4", "Hello")] {
         let mut stream = sdk(&h).chat().create_stream(request(model, true)).await.unwrap();
         let mut text = String::new();
         let mut usage = None;

@@ -935,6 +935,7 @@ pub fn chunk_from_json(data: &[u8]) -> Result<ChatChunk, serde_json::Error> {
             .collect(),
         usage: c.usage.map(Usage::from),
         system_fingerprint: c.system_fingerprint,
+        failover: None,
     })
 }
 

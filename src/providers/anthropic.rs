@@ -56,7 +56,7 @@ impl Anthropic {
 #[async_trait::async_trait]
 impl ChatAdapter for Anthropic {
     async fn complete(&self, req: &ChatRequest, route: &RouteCall<'_>) -> Result<ChatCompletion, UpstreamError> {
-        let resp = self.up.send(self.request(req, route, false)?).await?;
+        let resp = self.up.send(self.request(req, route, false)?, route).await?;
         let body = self.up.body(resp).await?;
         let v: Value = serde_json::from_slice(&body)
             .map_err(|e| self.up.err(UpstreamErrorKind::Malformed, format!("unparseable message: {e}")))?;
@@ -64,7 +64,7 @@ impl ChatAdapter for Anthropic {
     }
 
     async fn stream(&self, req: &ChatRequest, route: &RouteCall<'_>) -> Result<ChunkStream, UpstreamError> {
-        let resp = self.up.send(self.request(req, route, true)?).await?;
+        let resp = self.up.send(self.request(req, route, true)?, route).await?;
         let id = self.up.id.clone();
         let events = Box::pin(self.up.events(resp));
         let chunks = futures_util::stream::unfold((events, StreamState::default(), false), move |(mut events, mut st, done)| {
@@ -428,6 +428,7 @@ mod tests {
         RouteCall {
             upstream_model: "claude-up",
             max_output_tokens: 1024,
+            traceparent: None,
         }
     }
 

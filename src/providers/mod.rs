@@ -30,6 +30,8 @@ pub struct RouteCall<'a> {
     pub upstream_model: &'a str,
     /// Sent to providers that require a limit when the client gave none.
     pub max_output_tokens: u32,
+    /// The attempt span's W3C trace context, propagated upstream.
+    pub traceparent: Option<&'a str>,
 }
 
 #[async_trait::async_trait]
@@ -77,7 +79,10 @@ impl Upstream {
     }
 
     /// Sends a request; a non-success status becomes a classified error.
-    pub async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, UpstreamError> {
+    pub async fn send(&self, mut req: reqwest::RequestBuilder, route: &RouteCall<'_>) -> Result<reqwest::Response, UpstreamError> {
+        if let Some(tp) = route.traceparent {
+            req = req.header("traceparent", tp);
+        }
         let resp = req.send().await.map_err(|e| self.transport_error(&e))?;
         let status = resp.status();
         if status.is_success() {

@@ -44,14 +44,14 @@ impl OpenAi {
 #[async_trait::async_trait]
 impl ChatAdapter for OpenAi {
     async fn complete(&self, req: &ChatRequest, route: &RouteCall<'_>) -> Result<ChatCompletion, UpstreamError> {
-        let resp = self.up.send(self.request(req, route, false)).await?;
+        let resp = self.up.send(self.request(req, route, false), route).await?;
         let body = self.up.body(resp).await?;
         openai_json::completion_from_json(&body)
             .map_err(|e| self.up.err(UpstreamErrorKind::Malformed, format!("unparseable chat.completion: {e}")))
     }
 
     async fn stream(&self, req: &ChatRequest, route: &RouteCall<'_>) -> Result<ChunkStream, UpstreamError> {
-        let resp = self.up.send(self.request(req, route, true)).await?;
+        let resp = self.up.send(self.request(req, route, true), route).await?;
         let id = self.up.id.clone();
         let events = self.up.events(resp);
         // `[DONE]` ends the stream; a stream that ends without it was cut.

@@ -1,39 +1,68 @@
 //! Routing: which provider serves a request, and what happens when it fails.
 //!
-//! A public model has routes (provider + upstream model + price). For now
-//! candidates are tried in config order; the live scorer replaces that
-//! order without changing the attempt loop. The loop tries candidates until
-//! one answers, within `routing.max_attempts` and the request's deadline:
-//! connection failures, timeouts to first content, 5xx and 429 move on to
-//! the next provider; a request the provider refused as malformed is the
-//! client's own fault and is returned at once. Every failed attempt is kept
-//! for the error the client gets when none is left.
+//! A public model has routes (provider + upstream model + price), each with
+//! live figures ([`score`]). Every attempt picks its route afresh by power
+//! of two choices over those scores ([`balance`]), skipping routes already
+//! tried, so retries sit *above* the balancer as in linkerd: a retry goes
+//! to the best route left, not to a fixed "next" one.
+//!
+//! The attempt loop ([`Router::complete`], [`Router::stream`]) runs until
+//! one attempt produces content, within `routing.max_attempts` and the
+//! request's deadline:
+//!
+//! - connection failures, timeouts to first content, 5xx and 429 move on
+//!   to the next route; a request the provider refused as malformed is the
+//!   client's own fault and is returned at once, never retried;
+//! - every retry (and hedge, and continuation) is paid from the model's
+//!   [`budget::RetryBudget`], so one provider's outage cannot double the
+//!   load on the others;
+//! - with `routing.hedge`, an attempt that has produced nothing by the hedge
+//!   delay gets a rival on the next best route; the first to produce
+//!   content wins and the other is dropped, which cancels its upstream
+//!   request at once;
+//! - every failed attempt's error is kept for the client's error when none
+//!   is left.
 //!
 //! A stream counts as started at its first *content* chunk: preamble chunks
-//! (a role-only delta) are held back, so a provider that fails before
-//! content is still a clean failover and the client never sees it.
+//! (a role-only delta, Anthropic's `message_start`) are held back, so a
+//! provider that fails before content is still a clean failover. After
+//! that, [`stream::RoutedStream`] carries the stream across providers when
+//! one breaks mid-answer.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{collections::HashMap, future::Future, pin::Pin, sync::Arc, time::Duration};
 
-use futures_util::StreamExt;
-use tokio::time::{timeout_at, Instant};
+use futures_util::{stream::FuturesUnordered, StreamExt};
+use opentelemetry::Context;
+use tokio::time::{sleep_until, timeout_at, Instant};
 
 use crate::{
-    config::{Config, Continuation, Price},
+    config::{Config, Continuation, Hedge, Price, ProviderKind},
     error::{Attempts, Error, UpstreamError, UpstreamErrorKind},
     proto::{ChatChunk, ChatCompletion, ChatRequest},
     providers::{self, ChatAdapter, ChunkStream, RouteCall},
+    telemetry::{AttemptInfo, AttemptSpan, Telemetry},
 };
+
+pub mod balance;
+pub mod breaker;
+pub mod budget;
+pub mod ewma;
+pub mod score;
+pub mod stream;
+
+use score::{Attempt, Kind, RouteStats};
 
 /// One way to serve a public model.
 pub struct Route {
     pub provider: String,
+    pub kind: ProviderKind,
     pub upstream_model: String,
     pub adapter: Arc<dyn ChatAdapter>,
     pub timeout: Duration,
     pub idle_timeout: Duration,
     pub price: Price,
     pub continuation: Continuation,
+    pub stats: Arc<RouteStats>,
 }
 
 /// A public model and its routes.
@@ -41,6 +70,29 @@ pub struct Model {
     pub id: String,
     pub max_output_tokens: u32,
     pub routes: Vec<Arc<Route>>,
+    budget: std::sync::Mutex<budget::RetryBudget>,
+}
+
+impl Model {
+    fn deposit(&self) {
+        if let Ok(mut b) = self.budget.lock() {
+            b.deposit(Instant::now());
+        }
+    }
+
+    fn withdraw(&self) -> bool {
+        self.budget.lock().map(|mut b| b.try_withdraw(Instant::now())).unwrap_or(false)
+    }
+}
+
+/// How one request may be routed.
+#[derive(Clone)]
+pub struct CallOpts {
+    pub deadline: Instant,
+    /// False when the client sent `X-Switchyard-Failover: off`.
+    pub failover: bool,
+    /// The request's trace context; attempt spans are its children.
+    pub trace: Context,
 }
 
 /// What served a request.
@@ -64,10 +116,60 @@ pub struct Started {
 pub struct Router {
     models: HashMap<String, Arc<Model>>,
     max_attempts: u32,
+    hedge: Hedge,
+    mid_stream_failover: bool,
+    telemetry: Arc<Telemetry>,
 }
 
+/// The bookkeeping of one request's attempts, shared by the first attempts
+/// and any mid-stream continuation.
+#[derive(Default)]
+pub(crate) struct Tries {
+    /// Indices of the routes tried.
+    pub tried: Vec<usize>,
+    pub failed: Attempts,
+}
+
+impl Tries {
+    fn count(&self) -> u32 {
+        self.tried.len() as u32
+    }
+}
+
+/// What the attempt loop is after.
+pub(crate) struct Plan<'a> {
+    pub kind: Kind,
+    /// How the first attempt is labelled in its span (`first`, `continuation`).
+    pub first: &'static str,
+    /// Which routes may be tried at all.
+    pub eligible: &'a (dyn Fn(&Route) -> bool + Sync),
+}
+
+impl Plan<'static> {
+    fn first(kind: Kind) -> Self {
+        Plan {
+            kind,
+            first: "first",
+            eligible: &|_| true,
+        }
+    }
+}
+
+/// An attempt that produced what was asked of it.
+pub(crate) struct Won<T> {
+    pub value: T,
+    pub route: Arc<Route>,
+    pub attempt: Attempt,
+    pub span: AttemptSpan,
+}
+
+type AttemptFuture<T> = Pin<Box<dyn Future<Output = Result<T, UpstreamError>> + Send>>;
+/// An attempt under way: its route, its slot and span, and its outcome.
+type Launched<T> = Pin<Box<dyn Future<Output = (Arc<Route>, Attempt, AttemptSpan, Result<T, UpstreamError>)> + Send>>;
+
 impl Router {
-    pub fn new(config: &Config, http: reqwest::Client) -> Router {
+    pub fn new(config: &Config, http: reqwest::Client, telemetry: Arc<Telemetry>) -> Router {
+        let now = Instant::now();
         let adapters: HashMap<&str, (Arc<dyn ChatAdapter>, &crate::config::ProviderConfig)> = config
             .providers
             .iter()
@@ -84,12 +186,19 @@ impl Router {
                         let (adapter, p) = adapters.get(r.provider.as_str())?;
                         Some(Arc::new(Route {
                             provider: r.provider.clone(),
+                            kind: p.kind,
                             upstream_model: r.upstream_model.clone(),
                             adapter: adapter.clone(),
                             timeout: p.timeout,
                             idle_timeout: p.idle_timeout,
                             price: r.price.clone(),
                             continuation: r.continuation,
+                            stats: Arc::new(RouteStats::with(
+                                p.max_concurrency,
+                                breaker::Breaker::new(config.routing.breaker_threshold, config.routing.breaker_cooldown, Duration::from_secs(60).max(config.routing.breaker_cooldown)),
+                                config.routing.decay,
+                                now,
+                            )),
                         }))
                     })
                     .collect();
@@ -97,6 +206,9 @@ impl Router {
                     id: m.id.clone(),
                     max_output_tokens: m.max_output_tokens,
                     routes,
+                    // Retries may add 20% to the model's recent traffic, and
+                    // always at least one a second.
+                    budget: std::sync::Mutex::new(budget::RetryBudget::new(Duration::from_secs(10), 1.0, 0.2, now)),
                 };
                 (m.id.clone(), Arc::new(model))
             })
@@ -104,6 +216,9 @@ impl Router {
         Router {
             models,
             max_attempts: config.routing.max_attempts.max(1),
+            hedge: config.routing.hedge,
+            mid_stream_failover: config.routing.mid_stream_failover,
+            telemetry,
         }
     }
 
@@ -111,79 +226,216 @@ impl Router {
         self.models.get(id).cloned()
     }
 
-    /// The routes to try, best first, at most `max_attempts` of them (one
-    /// when the client forbade failover).
-    fn candidates<'a>(&'a self, model: &'a Model, failover: bool) -> impl Iterator<Item = &'a Arc<Route>> + 'a {
-        let n = if failover { self.max_attempts as usize } else { 1 };
-        model.routes.iter().take(n)
-    }
-
     /// One whole answer from the first provider that gives one.
-    pub async fn complete(&self, model: &Model, req: &ChatRequest, deadline: Instant, failover: bool) -> Result<Served<ChatCompletion>, Error> {
-        let mut failed = Attempts::default();
-        for route in self.candidates(model, failover) {
-            if Instant::now() >= deadline {
-                break;
-            }
-            let call = route_call(model, route);
-            let attempt_deadline = deadline.min(Instant::now() + route.timeout);
-            let outcome = match timeout_at(attempt_deadline, route.adapter.complete(req, &call)).await {
-                Ok(r) => r,
-                Err(_) => Err(timed_out(route)),
-            };
-            match outcome {
-                Ok(value) => {
-                    return Ok(Served {
-                        value,
-                        route: route.clone(),
-                        attempts: failed.failures.len() as u32 + 1,
-                    })
-                }
-                Err(e) if !e.is_retryable() => return Err(e.into()),
-                Err(e) => {
-                    tracing::warn!(provider = %route.provider, class = e.class(), "attempt failed: {e}");
-                    failed.push(e);
-                }
-            }
-        }
-        Err(failed.exhausted(Instant::now() >= deadline, &model.id))
+    pub async fn complete(&self, model: &Arc<Model>, req: Arc<ChatRequest>, opts: &CallOpts) -> Result<Served<ChatCompletion>, Error> {
+        let mut tries = Tries::default();
+        let won = self
+            .run(model, &Plan::first(Kind::Sync), opts, &mut tries, |route, call| {
+                let req = req.clone();
+                let adapter = route.adapter.clone();
+                Box::pin(async move { adapter.complete(&req, &call.as_ref()).await })
+            })
+            .await?;
+        let now = Instant::now();
+        let usage = won.value.usage;
+        let finish = won.value.choices.first().and_then(|c| crate::proto::FinishReason::try_from(c.finish_reason).ok()).and_then(|f| f.openai_name());
+        won.span.first_content(now.saturating_duration_since(won.attempt.started()));
+        won.span.succeed(usage.as_ref(), finish);
+        won.attempt.succeed(usage.map_or(0, |u| u.completion_tokens), now);
+        Ok(Served {
+            value: won.value,
+            route: won.route,
+            attempts: tries.count(),
+        })
     }
 
-    /// Starts a stream on the first provider that produces content.
-    pub async fn stream(&self, model: &Model, req: &ChatRequest, deadline: Instant, failover: bool) -> Result<Served<Started>, Error> {
-        let mut failed = Attempts::default();
-        for route in self.candidates(model, failover) {
-            if Instant::now() >= deadline {
-                break;
+    /// Starts a stream on the best provider that produces content, and
+    /// keeps it going across providers if one breaks mid-answer.
+    pub async fn stream(self: &Arc<Self>, model: &Arc<Model>, req: Arc<ChatRequest>, opts: CallOpts) -> Result<Served<stream::RoutedStream>, Error> {
+        let mut tries = Tries::default();
+        let won = self
+            .run(model, &Plan::first(Kind::Stream), &opts, &mut tries, |route, call| {
+                let req = req.clone();
+                let route = route.clone();
+                Box::pin(async move { first_content(&route, &req, call).await })
+            })
+            .await?;
+        let route = won.route.clone();
+        let attempts = tries.count();
+        let routed = stream::RoutedStream::new(self.clone(), model.clone(), req, opts, tries, won);
+        Ok(Served {
+            value: routed,
+            route,
+            attempts,
+        })
+    }
+
+    /// The attempt loop: launches attempts on the best routes left (with a
+    /// hedge when configured) until one succeeds, one fails for good, or
+    /// attempts, budget, routes or time run out.
+    pub(crate) async fn run<T: Send + 'static>(
+        &self,
+        model: &Arc<Model>,
+        plan: &Plan<'_>,
+        opts: &CallOpts,
+        tries: &mut Tries,
+        launch: impl Fn(&Arc<Route>, OwnedRouteCall) -> AttemptFuture<T>,
+    ) -> Result<Won<T>, Error> {
+        if tries.tried.is_empty() {
+            model.deposit();
+        }
+        let mut in_flight = FuturesUnordered::new();
+        let mut last_launch = Instant::now();
+        let mut budget_spent = false;
+        loop {
+            if in_flight.is_empty() {
+                let attempt_kind = if tries.tried.is_empty() { plan.first } else { "retry" };
+                match self.launch(model, plan, opts, tries, attempt_kind, &launch, &mut budget_spent) {
+                    Some(f) => {
+                        in_flight.push(f);
+                        last_launch = Instant::now();
+                    }
+                    None => break,
+                }
             }
-            let attempt_deadline = deadline.min(Instant::now() + route.timeout);
-            let outcome = match timeout_at(attempt_deadline, first_content(model, route, req)).await {
-                Ok(r) => r,
-                Err(_) => Err(timed_out(route)),
-            };
-            match outcome {
-                Ok(value) => {
-                    return Ok(Served {
-                        value,
-                        route: route.clone(),
-                        attempts: failed.failures.len() as u32 + 1,
-                    })
+            let hedge_at = (in_flight.len() == 1).then(|| self.hedge_delay(model, tries)).flatten().map(|d| last_launch + d);
+            tokio::select! {
+                Some((route, attempt, span, result)) = in_flight.next() => {
+                    let now = Instant::now();
+                    match result {
+                        Ok(value) => return Ok(Won { value, route, attempt, span }),
+                        Err(e) => {
+                            attempt.fail(&e, now);
+                            span.fail(&e, None);
+                            if !e.is_retryable() {
+                                return Err(e.into());
+                            }
+                            tracing::warn!(provider = %route.provider, class = e.class(), "attempt failed: {e}");
+                            tries.failed.push(e);
+                        }
+                    }
                 }
-                Err(e) if !e.is_retryable() => return Err(e.into()),
-                Err(e) => {
-                    tracing::warn!(provider = %route.provider, class = e.class(), "attempt failed before content: {e}");
-                    failed.push(e);
+                _ = sleep_until(hedge_at.unwrap_or(opts.deadline)), if hedge_at.is_some() => {
+                    if let Some(f) = self.launch(model, plan, opts, tries, "hedge", &launch, &mut budget_spent) {
+                        in_flight.push(f);
+                    }
+                    last_launch = Instant::now();
                 }
+                _ = sleep_until(opts.deadline) => break,
             }
         }
-        Err(failed.exhausted(Instant::now() >= deadline, &model.id))
+        let deadline_passed = Instant::now() >= opts.deadline;
+        if tries.tried.is_empty() && !deadline_passed {
+            return Err(Error::ProviderUnavailable {
+                message: format!("no provider for {} is available right now (all cooling down or with open circuits)", model.id),
+                attempts: 0,
+            });
+        }
+        let mut err = tries.failed.exhausted(deadline_passed, &model.id);
+        if budget_spent {
+            if let Error::ProviderUnavailable { message, .. } = &mut err {
+                message.push_str("; the retry budget allowed no further attempt");
+            }
+        }
+        Err(err)
+    }
+
+    /// Starts one attempt on the best eligible route left, if any may start.
+    #[allow(clippy::too_many_arguments)]
+    fn launch<T: Send + 'static>(
+        &self,
+        model: &Arc<Model>,
+        plan: &Plan<'_>,
+        opts: &CallOpts,
+        tries: &mut Tries,
+        attempt_kind: &'static str,
+        launch: &impl Fn(&Arc<Route>, OwnedRouteCall) -> AttemptFuture<T>,
+        budget_spent: &mut bool,
+    ) -> Option<Launched<T>> {
+        let now = Instant::now();
+        if tries.count() >= self.max_attempts || now >= opts.deadline {
+            return None;
+        }
+        if !tries.tried.is_empty() {
+            if !opts.failover {
+                return None;
+            }
+            if !model.withdraw() {
+                *budget_spent = true;
+                return None;
+            }
+        }
+        let mut skip: Vec<usize> = tries.tried.clone();
+        skip.extend(model.routes.iter().enumerate().filter(|(_, r)| !(plan.eligible)(r)).map(|(i, _)| i));
+        let (index, attempt) = loop {
+            let i = balance::pick(model.routes.iter().map(|r| &*r.stats), &skip, plan.kind, now, &mut rand::rng())?;
+            match model.routes[i].stats.acquire(now) {
+                Some(a) => break (i, a),
+                // Raced with another request for a half-open probe.
+                None => skip.push(i),
+            }
+        };
+        tries.tried.push(index);
+        let route = model.routes[index].clone();
+        let span = self.telemetry.attempt_span(
+            &opts.trace,
+            AttemptInfo {
+                provider: &route.provider,
+                provider_kind: route.kind.as_str(),
+                public_model: &model.id,
+                upstream_model: &route.upstream_model,
+                number: tries.count(),
+                kind: attempt_kind,
+            },
+        );
+        let call = OwnedRouteCall {
+            upstream_model: route.upstream_model.clone(),
+            max_output_tokens: model.max_output_tokens,
+            traceparent: span.traceparent(),
+        };
+        let fut = launch(&route, call);
+        let attempt_deadline = opts.deadline.min(now + route.timeout);
+        Some(Box::pin(async move {
+            let result = match timeout_at(attempt_deadline, fut).await {
+                Ok(r) => r,
+                Err(_) => Err(timed_out(&route)),
+            };
+            (route, attempt, span, result)
+        }))
+    }
+
+    /// When to start a hedge beside the single attempt in flight.
+    fn hedge_delay(&self, model: &Model, tries: &Tries) -> Option<Duration> {
+        if tries.count() >= self.max_attempts {
+            return None;
+        }
+        match self.hedge {
+            Hedge::Off => None,
+            Hedge::After(d) => Some(d),
+            Hedge::P95 => tries.tried.last().and_then(|&i| model.routes[i].stats.p95_ttft()),
+        }
+    }
+
+    pub fn mid_stream_failover(&self) -> bool {
+        self.mid_stream_failover
     }
 }
 
-fn route_call<'a>(model: &Model, route: &'a Route) -> RouteCall<'a> {
-    RouteCall {
-        upstream_model: &route.upstream_model,
-        max_output_tokens: model.max_output_tokens,
+/// A [`RouteCall`] that owns its strings, so attempt futures are `'static`.
+#[derive(Debug, Clone)]
+pub struct OwnedRouteCall {
+    pub upstream_model: String,
+    pub max_output_tokens: u32,
+    pub traceparent: Option<String>,
+}
+
+impl OwnedRouteCall {
+    pub fn as_ref(&self) -> RouteCall<'_> {
+        RouteCall {
+            upstream_model: &self.upstream_model,
+            max_output_tokens: self.max_output_tokens,
+            traceparent: self.traceparent.as_deref(),
+        }
     }
 }
 
@@ -192,8 +444,8 @@ fn timed_out(route: &Route) -> UpstreamError {
 }
 
 /// Opens the upstream stream and reads until its first content chunk.
-async fn first_content(model: &Model, route: &Route, req: &ChatRequest) -> Result<Started, UpstreamError> {
-    let mut rest = route.adapter.stream(req, &route_call(model, route)).await?;
+async fn first_content(route: &Route, req: &ChatRequest, call: OwnedRouteCall) -> Result<Started, UpstreamError> {
+    let mut rest = route.adapter.stream(req, &call.as_ref()).await?;
     let mut head = Vec::new();
     loop {
         match rest.next().await {

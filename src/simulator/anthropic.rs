@@ -12,7 +12,7 @@ use axum::{
 };
 use serde_json::{json, Value};
 
-use super::{count_tokens, plan, preflight, stream_frames, sync_response, Ask, Frame, Plan, Prefix, SimState};
+use super::{CONTINUE_INSTRUCTION, count_tokens, plan, preflight, stream_frames, sync_response, Ask, Frame, Plan, Prefix, SimState};
 
 fn error_body(status: u16) -> Value {
     let kind = match status {
@@ -86,6 +86,12 @@ async fn messages_at(State(state): State<Arc<SimState>>, prefix: Prefix, req: Re
 
 fn ask(body: &Value, msgs: &[Value], max_tokens: u64) -> Ask {
     let mut msgs = msgs;
+    // A model told to continue treats its previous message as a prefill.
+    if let Some((last, rest)) = msgs.split_last() {
+        if last.get("role").and_then(Value::as_str) == Some("user") && text_of(last.get("content").unwrap_or(&Value::Null)) == CONTINUE_INSTRUCTION {
+            msgs = rest;
+        }
+    }
     let mut prefill = String::new();
     if let Some((last, rest)) = msgs.split_last() {
         if last.get("role").and_then(Value::as_str) == Some("assistant") {
@@ -93,11 +99,16 @@ fn ask(body: &Value, msgs: &[Value], max_tokens: u64) -> Ask {
             msgs = rest;
         }
     }
-    let mut prompt = text_of(body.get("system").unwrap_or(&Value::Null));
-    for m in msgs {
-        prompt.push('\n');
-        prompt.push_str(&text_of(m.get("content").unwrap_or(&Value::Null)));
-    }
+    // The same prompt text as the OpenAI side builds (system first, one
+    // message a line), so both kinds give one conversation the same answer
+    // and can continue each other's.
+    let system = text_of(body.get("system").unwrap_or(&Value::Null));
+    let prompt = (!system.is_empty())
+        .then_some(system)
+        .into_iter()
+        .chain(msgs.iter().map(|m| text_of(m.get("content").unwrap_or(&Value::Null))))
+        .collect::<Vec<_>>()
+        .join("\n");
     let last = msgs.last();
     let last_is_plain_user = last.is_some_and(|m| {
         m.get("role").and_then(Value::as_str) == Some("user")

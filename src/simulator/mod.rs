@@ -46,6 +46,8 @@ use tokio::net::TcpListener;
 mod anthropic;
 mod openai;
 
+use crate::routing::stream::CONTINUE_INSTRUCTION;
+
 /// Misbehaviour to inject. Every field is optional so layers can override
 /// one another field by field.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

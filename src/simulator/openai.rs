@@ -12,7 +12,7 @@ use axum::{
 };
 use serde_json::{json, Value};
 
-use super::{count_tokens, plan, preflight, stream_frames, sync_response, Ask, Frame, Plan, Prefix, SimState};
+use super::{CONTINUE_INSTRUCTION, count_tokens, plan, preflight, stream_frames, sync_response, Ask, Frame, Plan, Prefix, SimState};
 use crate::proto::{
     message, openai_json, tool_choice, ChatChunk, ChatCompletion, ChatRequest, Choice, ChunkChoice, Delta, FinishReason, Message, Role,
     ToolCall, Usage,
@@ -70,6 +70,13 @@ async fn chat_at(State(state): State<Arc<SimState>>, prefix: Prefix, req: Reques
 
 fn ask(req: &ChatRequest) -> Ask {
     let mut msgs: &[Message] = &req.messages;
+    // A model told to continue treats its previous message as a prefill.
+    if let Some((last, rest)) = msgs.split_last() {
+        let text: String = openai_json::message_text(last).collect();
+        if last.role == Role::User as i32 && text == CONTINUE_INSTRUCTION {
+            msgs = rest;
+        }
+    }
     let mut prefill = String::new();
     if let Some((last, rest)) = msgs.split_last() {
         if last.role == Role::Assistant as i32 && last.tool_calls.is_empty() {
@@ -162,6 +169,7 @@ fn chunk(choices: Vec<ChunkChoice>, usage: Option<Usage>) -> ChatChunk {
         choices,
         usage,
         system_fingerprint: Some("fp_sim".into()),
+        failover: None,
     }
 }
 
