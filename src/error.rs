@@ -378,9 +378,9 @@ impl Attempts {
     }
 
     /// The error for a request on which every attempt failed (`timeout` if
-    /// the request's own deadline ran out).
-    pub fn exhausted(&self, deadline_passed: bool, model: &str) -> Error {
-        let attempts = self.failures.len() as u32;
+    /// the request's own deadline ran out). `attempts` counts every attempt
+    /// made, including one the deadline cut short.
+    pub fn exhausted(&self, attempts: u32, deadline_passed: bool, model: &str) -> Error {
         let list = self.summary();
         if deadline_passed {
             let message = if list.is_empty() {

@@ -108,6 +108,23 @@ async fn streaming_fails_over_and_errors_carry_public_codes() {
 }
 
 #[tokio::test]
+async fn a_grpc_stream_fails_over_mid_answer_and_says_so() {
+    let h = start().await;
+    h.faults("oa-1", Faults { reset_after: Some(3), ..Default::default() });
+    let mut c = client(&h).await;
+    let mut req = request("gpt-4o-mini", "Hello", KEY);
+    req.metadata_mut().insert("traceparent", MetadataValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
+    let resp = c.complete_stream(req).await.unwrap();
+    let tp = resp.metadata().get("traceparent").unwrap().to_str().unwrap().to_owned();
+    assert!(tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"), "the trace continues over gRPC: {tp}");
+    let chunks: Vec<_> = resp.into_inner().collect::<Result<Vec<_>, _>>().await.unwrap();
+    let marker = chunks.iter().find_map(|c| c.failover.clone()).expect("a failover marker");
+    assert_eq!((marker.provider.as_str(), marker.attempt), ("oa-2", 2));
+    let text: String = chunks.iter().filter_map(|c| c.choices.first()?.delta.as_ref()?.content.clone()).collect();
+    assert_eq!(text, expected_answer("Hello", 16));
+}
+
+#[tokio::test]
 async fn grpc_deadline_bounds_the_request() {
     let h = start().await;
     h.faults("oa-1", Faults { latency_ms: Some(3000), ..Default::default() });

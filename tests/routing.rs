@@ -329,3 +329,19 @@ async fn chaos_every_request_succeeds_while_one_provider_is_healthy() {
         }
     }
 }
+
+#[tokio::test]
+async fn the_retry_budget_keeps_an_outage_from_doubling_upstream_load() {
+    let h = start().await;
+    h.faults("oa-1", Faults { status: Some(500), ..Default::default() });
+    h.faults("oa-2", Faults { status: Some(500), ..Default::default() });
+    let n = 100;
+    for _ in 0..n {
+        let (status, _, _) = h.chat(&chat()).await;
+        assert_eq!(status, 502);
+    }
+    let upstream = h.sim.state.stats().requests as usize;
+    // Without a budget every request would cost two attempts (200). The
+    // budget allows 20% more than the requests, plus 1 a second.
+    assert!(upstream <= n + n / 5 + 12, "{upstream} upstream attempts for {n} requests");
+}

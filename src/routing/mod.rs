@@ -300,6 +300,8 @@ impl Router {
             }
             let hedge_at = (in_flight.len() == 1).then(|| self.hedge_delay(model, tries)).flatten().map(|d| last_launch + d);
             tokio::select! {
+                // An attempt that ends at the deadline is reported as such.
+                biased;
                 Some((route, attempt, span, result)) = in_flight.next() => {
                     let now = Instant::now();
                     match result {
@@ -331,7 +333,7 @@ impl Router {
                 attempts: 0,
             });
         }
-        let mut err = tries.failed.exhausted(deadline_passed, &model.id);
+        let mut err = tries.failed.exhausted(tries.count(), deadline_passed, &model.id);
         if budget_spent {
             if let Error::ProviderUnavailable { message, .. } = &mut err {
                 message.push_str("; the retry budget allowed no further attempt");

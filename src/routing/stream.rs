@@ -232,7 +232,7 @@ impl RoutedStream {
         }
         self.tries.failed.push(e);
         if Instant::now() >= self.opts.deadline {
-            return Err(self.tries.failed.exhausted(true, &self.model.id));
+            return Err(self.tries.failed.exhausted(self.tries.count(), true, &self.model.id));
         }
         if let Some(why) = self.continuation_refused() {
             return Err(Error::ProviderUnavailable {
@@ -300,7 +300,7 @@ impl RoutedStream {
                     }
                     self.tries.failed.push(e);
                     self.done = true;
-                    return Some(Err(self.tries.failed.exhausted(true, &self.model.id)));
+                    return Some(Err(self.tries.failed.exhausted(self.tries.count(), true, &self.model.id)));
                 }
                 Err(_) => UpstreamError::new(&cur.route.provider, UpstreamErrorKind::Stall, format!("no event within {idle:?}")),
             };
