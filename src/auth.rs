@@ -1,24 +1,46 @@
 //! Gateway keys: who is calling, and which models they may use.
 //!
-//! Keys are held only as SHA-256 digests (config may give the digest itself
-//! as `key_sha256`). A presented key is hashed, looked up by digest and
-//! confirmed with a constant-time comparison, so neither the lookup nor the
-//! comparison leaks how much of a guess was right.
+//! Keys come from the config (`[[keys]]`, static) or from storage (minted by
+//! `switchyard keys create`). Both are held only as SHA-256 digests; a
+//! presented key is hashed, looked up by digest and confirmed with a
+//! constant-time comparison, so neither the lookup nor the comparison leaks
+//! how much of a guess was right.
+//!
+//! Stored keys are cached in memory for [`CACHE_TTL`] — found or not — so
+//! the request path does not hit the database, and a key revoked through
+//! any replica stops working on every replica within that time. If the
+//! database cannot be reached, a key seen before keeps working from its
+//! (expired) cache entry rather than failing every request.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
+use rand::distr::{Alphanumeric, SampleString};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use tokio::time::Instant;
 
-use crate::{config::KeyConfig, error::Error};
+use crate::{
+    config::KeyConfig,
+    error::Error,
+    limits::Limits,
+    storage::{Storage, StoredKey},
+};
+
+/// How long a stored key's lookup (or its absence) is trusted.
+pub const CACHE_TTL: Duration = Duration::from_secs(2);
+/// Cached lookups kept at most; beyond it, expired ones are dropped.
+const MAX_CACHED: usize = 50_000;
 
 /// An authenticated caller.
 #[derive(Debug, Clone)]
 pub struct Principal {
     pub name: String,
     pub models: Vec<String>,
-    pub requests_per_minute: Option<u32>,
-    pub tokens_per_minute: Option<u64>,
+    pub limits: Limits,
     pub budget_usd: Option<f64>,
 }
 
@@ -27,18 +49,39 @@ impl Principal {
     pub fn may_use(&self, model: &str) -> bool {
         self.models.iter().any(|g| glob_match(g, model))
     }
+
+    fn from_stored(k: StoredKey) -> Principal {
+        Principal {
+            limits: Limits::per_minute(k.requests_per_minute, k.tokens_per_minute),
+            name: k.name,
+            models: k.models,
+            budget_usd: k.budget_usd,
+        }
+    }
 }
 
 /// Longest key accepted; anything longer is not one of ours.
 const MAX_KEY_LEN: usize = 256;
 
+pub fn digest(key: &str) -> [u8; 32] {
+    Sha256::digest(key.as_bytes()).into()
+}
+
+/// A new gateway key: `ze_` and 40 random alphanumerics (~238 bits).
+pub fn mint() -> String {
+    format!("ze_{}", Alphanumeric.sample_string(&mut rand::rng(), 40))
+}
+
+struct Cached {
+    principal: Option<Arc<Principal>>,
+    at: Instant,
+}
+
 #[derive(Default)]
 pub struct Keys {
     by_digest: HashMap<[u8; 32], Arc<Principal>>,
-}
-
-pub fn digest(key: &str) -> [u8; 32] {
-    Sha256::digest(key.as_bytes()).into()
+    storage: Option<Storage>,
+    cache: Mutex<HashMap<[u8; 32], Cached>>,
 }
 
 impl Keys {
@@ -61,17 +104,26 @@ impl Keys {
                 Arc::new(Principal {
                     name: k.name.clone(),
                     models: k.models.clone(),
-                    requests_per_minute: k.requests_per_minute,
-                    tokens_per_minute: k.tokens_per_minute,
+                    limits: Limits::per_minute(k.requests_per_minute, k.tokens_per_minute),
                     budget_usd: k.budget_usd,
                 }),
             );
         }
-        Keys { by_digest }
+        Keys {
+            by_digest,
+            storage: None,
+            cache: Mutex::default(),
+        }
+    }
+
+    /// Also accepts keys minted into `storage`.
+    pub fn with_storage(mut self, storage: Storage) -> Keys {
+        self.storage = Some(storage);
+        self
     }
 
     /// Authenticates an `Authorization` header value (`Bearer ze_...`).
-    pub fn authenticate(&self, authorization: Option<&str>) -> Result<Arc<Principal>, Error> {
+    pub async fn authenticate(&self, authorization: Option<&str>) -> Result<Arc<Principal>, Error> {
         let value = authorization.ok_or_else(|| Error::Unauthenticated("missing key: send Authorization: Bearer <key>".into()))?;
         let key = value
             .strip_prefix("Bearer ")
@@ -82,10 +134,52 @@ impl Keys {
             return Err(Error::Unauthenticated("malformed key: gateway keys start with ze_".into()));
         }
         let d = digest(key);
-        match self.by_digest.get_key_value(&d) {
-            Some((stored, p)) if bool::from(stored.ct_eq(&d)) => Ok(p.clone()),
-            _ => Err(Error::Unauthenticated("unknown or revoked key".into())),
+        if let Some((stored, p)) = self.by_digest.get_key_value(&d) {
+            if bool::from(stored.ct_eq(&d)) {
+                return Ok(p.clone());
+            }
         }
+        match self.stored(&d).await? {
+            Some(p) => Ok(p),
+            None => Err(Error::Unauthenticated("unknown or revoked key".into())),
+        }
+    }
+
+    async fn stored(&self, d: &[u8; 32]) -> Result<Option<Arc<Principal>>, Error> {
+        let Some(storage) = &self.storage else { return Ok(None) };
+        let now = Instant::now();
+        let stale = {
+            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            match cache.get(d) {
+                Some(c) if now.saturating_duration_since(c.at) < CACHE_TTL => return Ok(c.principal.clone()),
+                Some(c) => c.principal.clone(),
+                None => None,
+            }
+        };
+        let found = match storage.find_key(&hex::encode(d)).await {
+            Ok(k) => k.map(|k| Arc::new(Principal::from_stored(k))),
+            Err(e) => {
+                tracing::error!("key lookup failed: {e}");
+                return match stale {
+                    Some(p) => Ok(Some(p)),
+                    None => Err(Error::Internal("the key store is unavailable".into())),
+                };
+            }
+        };
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= MAX_CACHED {
+            cache.retain(|_, c| now.saturating_duration_since(c.at) < CACHE_TTL);
+            if cache.len() >= MAX_CACHED {
+                cache.clear();
+            }
+        }
+        cache.insert(*d, Cached { principal: found.clone(), at: now });
+        Ok(found)
+    }
+
+    /// Is `name` a static key from the config?
+    pub fn is_static(&self, name: &str) -> bool {
+        self.by_digest.values().any(|p| p.name == name)
     }
 }
 
@@ -131,18 +225,19 @@ mod tests {
         assert!(glob_match("g*-*-m*i", "gpt-4o-mini"));
     }
 
-    #[test]
-    fn keys_by_plaintext_or_digest() {
+    #[tokio::test]
+    async fn keys_by_plaintext_or_digest() {
         let plain = "ze_plaintext_key_1";
         let hashed = "ze_hashed_key_2222";
         let keys = Keys::from_config(&[
             KeyConfig { name: "a".into(), key: Some(Secret::new(plain)), key_sha256: None, models: vec!["gpt-*".into()], requests_per_minute: None, tokens_per_minute: None, budget_usd: None },
             KeyConfig { name: "b".into(), key: None, key_sha256: Some(hex::encode(digest(hashed))), models: vec!["*".into()], requests_per_minute: None, tokens_per_minute: None, budget_usd: None },
         ]);
-        assert_eq!(keys.authenticate(Some(&format!("Bearer {plain}"))).unwrap().name, "a");
-        assert_eq!(keys.authenticate(Some(&format!("Bearer {hashed}"))).unwrap().name, "b");
+        assert_eq!(keys.authenticate(Some(&format!("Bearer {plain}"))).await.unwrap().name, "a");
+        assert_eq!(keys.authenticate(Some(&format!("Bearer {hashed}"))).await.unwrap().name, "b");
         for bad in [None, Some("Bearer"), Some("Basic x"), Some("Bearer sk-123"), Some("Bearer ze_wrong")] {
-            assert_eq!(keys.authenticate(bad).unwrap_err().code(), "unauthenticated");
+            assert_eq!(keys.authenticate(bad).await.unwrap_err().code(), "unauthenticated");
         }
+        assert!(mint().starts_with("ze_") && mint().len() == 43 && mint() != mint());
     }
 }

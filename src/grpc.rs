@@ -22,8 +22,9 @@ use tonic::{metadata::MetadataValue, Request, Response, Status};
 use crate::{
     auth::{Keys, Principal},
     error::Error,
-    proto::{chat_server::Chat, ChatChunk, ChatCompletion, ChatRequest, Role, Usage},
-    routing::{CallOpts, Model, Router},
+    limits::{Limiter, Verdict},
+    proto::{chat_server::Chat, openai_json, ChatChunk, ChatCompletion, ChatRequest, Role, Usage},
+    routing::{stream::estimate_tokens, CallOpts, Model, Router},
     telemetry::RequestTrace,
 };
 
@@ -34,6 +35,7 @@ pub const META_PROVIDER: &str = "x-switchyard-provider";
 pub struct ChatCore {
     keys: Arc<Keys>,
     router: Arc<Router>,
+    limiter: Arc<Limiter>,
     request_timeout: Duration,
 }
 
@@ -41,28 +43,63 @@ pub struct ChatCore {
 struct Admitted {
     model: Arc<Model>,
     opts: CallOpts,
+    /// Input tokens charged to the token limit at admission.
+    estimated_tokens: u64,
+}
+
+/// Who is asking, and the rate-limit figures their response will carry.
+struct Caller {
+    principal: Arc<Principal>,
+    verdict: Option<Verdict>,
 }
 
 impl ChatCore {
-    pub fn new(keys: Arc<Keys>, router: Arc<Router>, request_timeout: Duration) -> Self {
+    pub fn new(keys: Arc<Keys>, router: Arc<Router>, limiter: Arc<Limiter>, request_timeout: Duration) -> Self {
         ChatCore {
             keys,
             router,
+            limiter,
             request_timeout,
         }
     }
 
-    /// Key → validation → model → permission, in API.md's order.
-    fn admit(&self, request: &Request<ChatRequest>) -> Result<Admitted, Error> {
+    async fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
         // The HTTP façade has already authenticated (before reading the
         // body, as the check order requires) and hands the principal over.
         let principal = match request.extensions().get::<Arc<Principal>>() {
             Some(p) => p.clone(),
             None => {
                 let auth = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
-                self.keys.authenticate(auth)?
+                self.keys.authenticate(auth).await.map_err(|e| e.to_status())?
             }
         };
+        Ok(Caller { principal, verdict: None })
+    }
+
+    /// Puts the caller's rate-limit figures on a response or error: those of
+    /// its own check, or (refused before that step) the current ones.
+    async fn finish<T>(&self, caller: Caller, out: Result<Response<T>, Error>) -> Result<Response<T>, Status> {
+        let verdict = match caller.verdict {
+            Some(v) => v,
+            None => self.limiter.peek(&caller.principal.name, &caller.principal.limits).await,
+        };
+        match out {
+            Ok(mut resp) => {
+                put_rate_headers(resp.metadata_mut(), &verdict);
+                Ok(resp)
+            }
+            Err(e) => {
+                let mut status = e.to_status();
+                put_rate_headers(status.metadata_mut(), &verdict);
+                Err(status)
+            }
+        }
+    }
+
+    /// Validation → model → permission → rate limit, in API.md's order (the
+    /// key was checked by [`ChatCore::caller`]).
+    async fn admit(&self, caller: &mut Caller, request: &Request<ChatRequest>) -> Result<Admitted, Error> {
+        let principal = caller.principal.clone();
         let req = request.get_ref();
         validate(req)?;
         let model = self
@@ -82,6 +119,14 @@ impl ChatCore {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.eq_ignore_ascii_case("off"));
         let trace = request.extensions().get::<RequestTrace>().map(|t| t.0.clone()).unwrap_or_default();
+        let estimated_tokens: u64 = req.messages.iter().flat_map(openai_json::message_text).map(|t| u64::from(estimate_tokens(t))).sum();
+        let verdict = self.limiter.check(&principal.name, &principal.limits, estimated_tokens).await;
+        caller.verdict = Some(verdict);
+        if !verdict.allowed {
+            return Err(Error::RateLimited {
+                retry_after_secs: verdict.retry_after_secs(),
+            });
+        }
         Ok(Admitted {
             model,
             opts: CallOpts {
@@ -89,7 +134,75 @@ impl ChatCore {
                 failover,
                 trace,
             },
+            estimated_tokens,
         })
+    }
+
+    /// Charges the token limit with what the request really used.
+    async fn reconcile(limiter: &Limiter, principal: &Principal, estimated: u64, usage: Option<&Usage>) {
+        if principal.limits.tokens.is_none() {
+            return;
+        }
+        let used = usage.map_or(estimated, |u| u64::from(u.total_tokens));
+        limiter.reconcile(&principal.name, &principal.limits, used as i64 - estimated as i64).await;
+    }
+
+    async fn do_complete(&self, caller: &mut Caller, request: Request<ChatRequest>) -> Result<Response<ChatCompletion>, Error> {
+        let admitted = self.admit(caller, &request).await?;
+        let req = Arc::new(request.into_inner());
+        let served = self.router.complete(&admitted.model, req.clone(), &admitted.opts).await;
+        let served = match served {
+            Ok(s) => s,
+            Err(e) => {
+                Self::reconcile(&self.limiter, &caller.principal, admitted.estimated_tokens, Some(&Usage::default())).await;
+                return Err(e);
+            }
+        };
+        let mut completion = served.value;
+        Self::reconcile(&self.limiter, &caller.principal, admitted.estimated_tokens, completion.usage.as_ref()).await;
+        completion.id = new_completion_id();
+        completion.created = unix_now();
+        completion.model.clone_from(&req.model);
+        if completion.usage.is_none() {
+            completion.usage = Some(Usage::default());
+        }
+        let mut resp = Response::new(completion);
+        served_metadata(&mut resp, &served.route.provider, served.attempts);
+        Ok(resp)
+    }
+
+    async fn do_stream(&self, caller: &mut Caller, request: Request<ChatRequest>) -> Result<Response<ReceiverStream<Result<ChatChunk, Status>>>, Error> {
+        let admitted = self.admit(caller, &request).await?;
+        let req = Arc::new(request.into_inner());
+        let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
+        let served = match self.router.stream(&admitted.model, req.clone(), admitted.opts).await {
+            Ok(s) => s,
+            Err(e) => {
+                Self::reconcile(&self.limiter, &caller.principal, admitted.estimated_tokens, Some(&Usage::default())).await;
+                return Err(e);
+            }
+        };
+        let (tx, rx) = mpsc::channel(32);
+        let relay = Relay {
+            id: new_completion_id(),
+            created: unix_now(),
+            model: req.model.clone(),
+            include_usage,
+            tx,
+            limiter: self.limiter.clone(),
+            principal: caller.principal.clone(),
+            estimated_tokens: admitted.estimated_tokens,
+        };
+        tokio::spawn(relay.run(served.value.into_stream()));
+        let mut resp = Response::new(ReceiverStream::new(rx));
+        served_metadata(&mut resp, &served.route.provider, served.attempts);
+        Ok(resp)
+    }
+}
+
+fn put_rate_headers(md: &mut tonic::metadata::MetadataMap, verdict: &Verdict) {
+    for (k, v) in verdict.headers() {
+        md.insert(k, MetadataValue::from(v));
     }
 }
 /// What the proto allows but the API does not.
@@ -158,38 +271,15 @@ impl Chat for ChatCore {
     type CompleteStreamStream = ReceiverStream<Result<ChatChunk, Status>>;
 
     async fn complete(&self, request: Request<ChatRequest>) -> Result<Response<ChatCompletion>, Status> {
-        let admitted = self.admit(&request)?;
-        let req = Arc::new(request.into_inner());
-        let served = self.router.complete(&admitted.model, req.clone(), &admitted.opts).await?;
-        let mut completion = served.value;
-        completion.id = new_completion_id();
-        completion.created = unix_now();
-        completion.model.clone_from(&req.model);
-        if completion.usage.is_none() {
-            completion.usage = Some(Usage::default());
-        }
-        let mut resp = Response::new(completion);
-        served_metadata(&mut resp, &served.route.provider, served.attempts);
-        Ok(resp)
+        let mut caller = self.caller(&request).await?;
+        let out = self.do_complete(&mut caller, request).await;
+        self.finish(caller, out).await
     }
 
     async fn complete_stream(&self, request: Request<ChatRequest>) -> Result<Response<Self::CompleteStreamStream>, Status> {
-        let admitted = self.admit(&request)?;
-        let req = Arc::new(request.into_inner());
-        let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
-        let served = self.router.stream(&admitted.model, req.clone(), admitted.opts).await?;
-        let (tx, rx) = mpsc::channel(32);
-        let relay = Relay {
-            id: new_completion_id(),
-            created: unix_now(),
-            model: req.model.clone(),
-            include_usage,
-            tx,
-        };
-        tokio::spawn(relay.run(served.value.into_stream()));
-        let mut resp = Response::new(ReceiverStream::new(rx));
-        served_metadata(&mut resp, &served.route.provider, served.attempts);
-        Ok(resp)
+        let mut caller = self.caller(&request).await?;
+        let out = self.do_stream(&mut caller, request).await;
+        self.finish(caller, out).await
     }
 }
 
@@ -201,10 +291,20 @@ struct Relay {
     model: String,
     include_usage: bool,
     tx: mpsc::Sender<Result<ChatChunk, Status>>,
+    limiter: Arc<Limiter>,
+    principal: Arc<Principal>,
+    estimated_tokens: u64,
 }
 
 impl Relay {
     async fn run(self, stream: impl futures_util::Stream<Item = Result<ChatChunk, Error>> + Send) {
+        let mut usage = None;
+        self.relay(stream, &mut usage).await;
+        // Charged for what was produced, whether the client stayed or not.
+        ChatCore::reconcile(&self.limiter, &self.principal, self.estimated_tokens, usage.as_ref()).await;
+    }
+
+    async fn relay(&self, stream: impl futures_util::Stream<Item = Result<ChatChunk, Error>> + Send, usage: &mut Option<Usage>) {
         let mut stream = std::pin::pin!(stream);
         loop {
             let next = tokio::select! {
@@ -219,6 +319,9 @@ impl Relay {
                 None => return,
                 Some(Err(e)) => Err(e.to_status()),
                 Some(Ok(mut chunk)) => {
+                    if chunk.usage.is_some() {
+                        *usage = chunk.usage;
+                    }
                     // Usage is sent only to clients that asked for it.
                     if chunk.usage.is_some() && !self.include_usage {
                         chunk.usage = None;

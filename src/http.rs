@@ -33,6 +33,8 @@ use tonic::metadata::MetadataValue;
 
 use crate::{
     auth::{Keys, Principal},
+    limits::Limiter,
+    storage::Storage,
     error::{Error, META_ATTEMPTS},
     grpc::{ChatCore, META_FAILOVER, META_PROVIDER},
     proto::{chat_server::Chat, openai_json, ChatChunk},
@@ -59,6 +61,8 @@ impl Readiness {
 pub struct HttpState {
     pub core: Arc<ChatCore>,
     pub keys: Arc<Keys>,
+    pub limiter: Arc<Limiter>,
+    pub storage: Storage,
     pub max_body_bytes: u64,
     pub readiness: Arc<Readiness>,
 }
@@ -98,9 +102,16 @@ async fn method_not_allowed(method: Method) -> Response {
 
 async fn readyz(State(state): State<HttpState>) -> Response {
     let draining = state.readiness.is_draining();
+    let ok = |healthy: bool| if healthy { "ok" } else { "degraded" };
+    // A shared backend's outage is reported, not failed: readiness must not
+    // take every replica out of the load balancer at once.
     let body = serde_json::json!({
         "status": if draining { "draining" } else { "ready" },
-        "checks": { "limits": "ok" },
+        "checks": {
+            "storage": ok(state.storage.ping().await),
+            "limits": ok(!state.limiter.is_degraded()),
+            "limits_backend": state.limiter.backend_name(),
+        },
     });
     let status = if draining { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
     (status, axum::Json(body)).into_response()
@@ -110,10 +121,20 @@ async fn readyz(State(state): State<HttpState>) -> Response {
 /// size, then parse).
 async fn authenticate(State(state): State<HttpState>, mut req: Request, next: Next) -> Response {
     let auth = req.headers().get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    match state.keys.authenticate(auth) {
+    match state.keys.authenticate(auth).await {
         Ok(principal) => {
-            req.extensions_mut().insert(principal);
-            next.run(req).await
+            req.extensions_mut().insert(principal.clone());
+            let mut resp = next.run(req).await;
+            // Every response to a recognised key carries its rate-limit
+            // figures; those refused before the core (size, JSON) get the
+            // current ones, counting nothing.
+            if !resp.headers().contains_key("x-ratelimit-limit") && !resp.headers().contains_key("x-ratelimit-limit-tokens") {
+                let verdict = state.limiter.peek(&principal.name, &principal.limits).await;
+                for (k, v) in verdict.headers() {
+                    resp.headers_mut().insert(k, HeaderValue::from(v));
+                }
+            }
+            resp
         }
         Err(e) => e.into_response(),
     }
@@ -166,13 +187,34 @@ fn core_request<T>(message: T, principal: Arc<Principal>, trace: Option<RequestT
     Ok(req)
 }
 
-/// Copies what the core reported about serving into HTTP headers.
+/// Metadata the core sets that HTTP clients get as headers.
+const FORWARDED_METADATA: [&str; 9] = [
+    META_PROVIDER,
+    META_ATTEMPTS,
+    "x-ratelimit-limit",
+    "x-ratelimit-remaining",
+    "x-ratelimit-reset",
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-tokens",
+    "retry-after",
+];
+
+/// Copies what the core reported (who served, attempts, rate limits) into
+/// HTTP headers.
 fn copy_served(md: &tonic::metadata::MetadataMap, headers: &mut HeaderMap) {
-    for key in [META_PROVIDER, META_ATTEMPTS] {
+    for key in FORWARDED_METADATA {
         if let Some(v) = md.get(key).and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok()) {
             headers.insert(key, v);
         }
     }
+}
+
+/// The core's error as the HTTP envelope, with its headers.
+fn core_error(status: &tonic::Status) -> Response {
+    let mut resp = Error::from_status(status).into_response();
+    copy_served(status.metadata(), resp.headers_mut());
+    resp
 }
 
 async fn chat_completions(
@@ -193,13 +235,19 @@ async fn chat(state: HttpState, principal: Arc<Principal>, trace: Option<Request
     let parsed = openai_json::parse_request(&bytes)?;
     let req = core_request(parsed.request, principal, trace, &headers)?;
     if !parsed.stream {
-        let resp = state.core.complete(req).await?;
+        let resp = match state.core.complete(req).await {
+            Ok(r) => r,
+            Err(status) => return Ok(core_error(&status)),
+        };
         let mut out = Response::new(Body::from(openai_json::completion_to_json(resp.get_ref())));
         out.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         copy_served(resp.metadata(), out.headers_mut());
         return Ok(out);
     }
-    let resp = state.core.complete_stream(req).await?;
+    let resp = match state.core.complete_stream(req).await {
+        Ok(r) => r,
+        Err(status) => return Ok(core_error(&status)),
+    };
     let (md, chunks, _) = resp.into_parts();
     let mut out = Response::new(Body::from_stream(sse_body(chunks)));
     let h = out.headers_mut();

@@ -47,10 +47,12 @@ pub mod demo;
 pub mod error;
 pub mod grpc;
 pub mod http;
+pub mod limits;
 pub mod proto;
 pub mod providers;
 pub mod routing;
 pub mod simulator;
+pub mod storage;
 pub mod telemetry;
 
 pub use config::Config;
@@ -60,6 +62,8 @@ use crate::{
     auth::Keys,
     grpc::ChatCore,
     http::{HttpState, Readiness},
+    limits::Limiter,
+    storage::Storage,
     proto::chat_server::ChatServer,
     routing::Router,
     telemetry::Telemetry,
@@ -76,6 +80,10 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Telemetry(#[from] telemetry::TelemetryError),
+    #[error(transparent)]
+    Storage(#[from] storage::StorageError),
+    #[error(transparent)]
+    Limits(#[from] limits::LimitsError),
 }
 
 /// The upstream HTTP client: pooled, with connect and keep-alive bounds.
@@ -96,9 +104,11 @@ where
     F: Future<Output = ()> + Send + 'static,
 {
     let telemetry = Arc::new(Telemetry::new(&config.telemetry)?);
-    let keys = Arc::new(Keys::from_config(&config.keys));
+    let storage = Storage::connect(&config.storage.url).await?;
+    let keys = Arc::new(Keys::from_config(&config.keys).with_storage(storage.clone()));
+    let limiter = Arc::new(Limiter::new(&config.limits.backend)?);
     let router = Arc::new(Router::new(&config, upstream_client()?, telemetry.clone()));
-    let core = Arc::new(ChatCore::new(keys.clone(), router, config.server.request_timeout));
+    let core = Arc::new(ChatCore::new(keys.clone(), router, limiter.clone(), config.server.request_timeout));
     let readiness = Arc::new(Readiness::default());
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -121,6 +131,8 @@ where
     let state = HttpState {
         core,
         keys,
+        limiter,
+        storage: storage.clone(),
         max_body_bytes: config.server.max_body_bytes,
         readiness: readiness.clone(),
     };
@@ -153,6 +165,7 @@ where
         }
     }
     telemetry.shutdown(Duration::from_secs(5)).await;
+    storage.close().await;
     Ok(())
 }
 

@@ -13,9 +13,9 @@ use tokio::net::TcpListener;
 #[derive(Parser)]
 #[command(name = "switchyard", version, about = "An LLM gateway: one endpoint in front of many providers.")]
 struct Cli {
-    /// Config file.
-    #[arg(long, global = true, env = "SWITCHYARD_CONFIG", default_value = "switchyard.toml")]
-    config: PathBuf,
+    /// Config file [default: switchyard.toml].
+    #[arg(long, global = true, env = "SWITCHYARD_CONFIG")]
+    config: Option<PathBuf>,
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -49,6 +49,36 @@ enum Command {
     },
     /// Validate a config file; every problem is listed.
     Check,
+    /// Mint, list and revoke stored gateway keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Mint a key; it is printed once, alone on stdout, and stored hashed.
+    Create {
+        #[arg(long)]
+        name: String,
+        /// Globs of public model ids the key may use.
+        #[arg(long, value_delimiter = ',', default_value = "*")]
+        models: Vec<String>,
+        /// Requests per minute.
+        #[arg(long)]
+        rpm: Option<u32>,
+        /// Tokens per minute.
+        #[arg(long)]
+        tpm: Option<u64>,
+        /// Spending limit in USD.
+        #[arg(long = "budget-usd")]
+        budget_usd: Option<f64>,
+    },
+    /// List stored keys (never the secret).
+    List,
+    /// Revoke a key by name; every replica refuses it within seconds.
+    Revoke { name: String },
 }
 
 const EXIT_RUNTIME: u8 = 1;
@@ -67,6 +97,8 @@ fn main() -> ExitCode {
     rt.block_on(run(cli))
 }
 
+const DEFAULT_CONFIG: &str = "switchyard.toml";
+
 fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
     Config::load(path).map_err(|problems| {
         for p in problems {
@@ -76,13 +108,122 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
     })
 }
 
+/// The config for commands that only need the store: the named file, or
+/// the embedded defaults when none was named and `switchyard.toml` is absent.
+fn load_for_storage(path: Option<&std::path::Path>) -> Result<Config, ExitCode> {
+    match path {
+        Some(p) => load(p),
+        None if std::path::Path::new(DEFAULT_CONFIG).exists() => load(std::path::Path::new(DEFAULT_CONFIG)),
+        None => Ok(Config::default()),
+    }
+}
+
+fn valid_key_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+async fn keys(config: Config, command: KeysCommand) -> ExitCode {
+    let storage = match switchyard::storage::Storage::connect(&config.storage.url).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    let code = match command {
+        KeysCommand::Create { name, models, rpm, tpm, budget_usd } => {
+            if !valid_key_name(&name) {
+                eprintln!("error: --name must be 1-64 characters of letters, digits, '-', '_' or '.'");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            if models.iter().any(|m| m.trim().is_empty()) || budget_usd.is_some_and(|b| b.is_nan() || b < 0.0) || rpm == Some(0) || tpm == Some(0) {
+                eprintln!("error: --models globs must be non-empty; --rpm and --tpm positive; --budget-usd not negative");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            if config.keys.iter().any(|k| k.name == name) {
+                eprintln!("error: {name:?} is a static key in the config");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            let key = switchyard::auth::mint();
+            let digest = hex::encode(switchyard::auth::digest(&key));
+            let models: Vec<String> = models.into_iter().map(|m| m.trim().to_owned()).collect();
+            let new = switchyard::storage::NewKey {
+                name: &name,
+                digest_hex: &digest,
+                models: &models,
+                requests_per_minute: rpm,
+                tokens_per_minute: tpm,
+                budget_usd,
+            };
+            match storage.create_key(&new).await {
+                Ok(()) => {
+                    println!("{key}");
+                    eprintln!("created key {name:?} for models {}; it is shown only this once", models.join(","));
+                    ExitCode::SUCCESS
+                }
+                Err(switchyard::storage::StorageError::Conflict(m)) => {
+                    eprintln!("error: {m}");
+                    ExitCode::from(EXIT_CONFIG)
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(EXIT_RUNTIME)
+                }
+            }
+        }
+        KeysCommand::List => match storage.list_keys().await {
+            Ok(keys) => {
+                let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+                println!("{:<24} {:<8} {:<24} {:>8} {:>10} {:>10}", "NAME", "STATUS", "MODELS", "RPM", "TPM", "BUDGET_USD");
+                for k in keys {
+                    println!(
+                        "{:<24} {:<8} {:<24} {:>8} {:>10} {:>10}",
+                        k.name,
+                        if k.revoked_at.is_some() { "revoked" } else { "active" },
+                        k.models.join(","),
+                        opt(k.requests_per_minute.map(|n| n.to_string())),
+                        opt(k.tokens_per_minute.map(|n| n.to_string())),
+                        opt(k.budget_usd.map(|b| format!("{b:.2}"))),
+                    );
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(EXIT_RUNTIME)
+            }
+        },
+        KeysCommand::Revoke { name } => match storage.revoke_key(&name).await {
+            Ok(true) => {
+                eprintln!("revoked {name:?}");
+                ExitCode::SUCCESS
+            }
+            Ok(false) => {
+                eprintln!("error: no active stored key named {name:?}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(EXIT_RUNTIME)
+            }
+        },
+    };
+    storage.close().await;
+    code
+}
+
 async fn run(cli: Cli) -> ExitCode {
+    let config_path = cli.config.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
     match cli.command {
-        Command::Check => match load(&cli.config) {
+        Command::Keys { command } => match load_for_storage(cli.config.as_deref()) {
+            Ok(config) => keys(config, command).await,
+            Err(code) => code,
+        },
+        Command::Check => match load(&config_path) {
             Ok(c) => {
                 println!(
                     "{}: ok ({} providers, {} models, {} keys)",
-                    cli.config.display(),
+                    config_path.display(),
                     c.providers.len(),
                     c.models.len(),
                     c.keys.len()
@@ -92,7 +233,7 @@ async fn run(cli: Cli) -> ExitCode {
             Err(code) => code,
         },
         Command::Serve => {
-            let config = match load(&cli.config) {
+            let config = match load(&config_path) {
                 Ok(c) => c,
                 Err(code) => return code,
             };

@@ -74,8 +74,11 @@ fn check_names_line_and_path_of_unknown_keys_and_missing_env() {
 
 #[test]
 fn demo_answers_its_own_curl_line() {
+    let dir = std::env::temp_dir().join(format!("switchyard-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
     let mut child = Command::new(BIN)
         .args(["demo", "--listen", "127.0.0.1:0"])
+        .current_dir(&dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

@@ -127,6 +127,8 @@ fn pair_config(sim: &str, first_kind: &str, second_kind: &str, second_continuati
         r#"
 [server]
 request_timeout = "10s"
+[storage]
+url = "{}"
 [[providers]]
 id = "first"
 kind = "{first_kind}"
@@ -149,6 +151,7 @@ id = "m"
 name = "all"
 key = "{KEY}"
 "#,
+        temp_db_url(),
         base(first_kind, "first"),
         base(second_kind, "second")
     )

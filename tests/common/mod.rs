@@ -28,6 +28,7 @@ pub struct Harness {
 /// `gpt-4o-mini` → oa-1 then oa-2; `claude-sonnet-4` → an-1; `mixed` →
 /// an-1 then oa-1.
 pub fn config_toml(sim: &str, extra: &str) -> String {
+    let db = temp_db_url();
     format!(
         r#"
 [server]
@@ -35,6 +36,9 @@ listen = "127.0.0.1:0"
 request_timeout = "10s"
 max_body_bytes = 65536
 shutdown_grace = "5s"
+
+[storage]
+url = "{db}"
 
 [[providers]]
 id = "oa-1"
@@ -96,6 +100,16 @@ models = ["claude-*"]
 {extra}
 "#
     )
+}
+
+/// A fresh SQLite database in the temp dir, so tests never share one.
+pub fn temp_db_url() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let n = N.fetch_add(1, Ordering::SeqCst);
+    let dir = std::env::temp_dir().join(format!("switchyard-tests-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    format!("sqlite://{}/db-{n}.db", dir.display())
 }
 
 pub async fn start() -> Harness {
@@ -210,4 +224,72 @@ pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
 
 pub fn user(text: &str) -> Value {
     serde_json::json!([{"role": "user", "content": text}])
+}
+
+/// The machine's PostgreSQL (trust auth, database `test`).
+pub const PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+/// A fresh schema in the machine's PostgreSQL, so tests never collide;
+/// `url` points a gateway at it. Dropped by [`PgSchema::drop_now`].
+pub struct PgSchema {
+    pub name: String,
+    pub url: String,
+}
+
+impl PgSchema {
+    pub async fn new() -> PgSchema {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        let name = format!("sy_test_{}_{}_{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst), rand::random::<u32>());
+        let pool = sqlx::PgPool::connect(PG_URL).await.expect("the machine's PostgreSQL on 127.0.0.1:5432");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {name}"))).execute(&pool).await.unwrap();
+        pool.close().await;
+        let url = format!("{PG_URL}?options[search_path]={name}");
+        PgSchema { name, url }
+    }
+
+    pub async fn drop_now(self) {
+        if let Ok(pool) = sqlx::PgPool::connect(PG_URL).await {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {} CASCADE", self.name))).execute(&pool).await;
+            pool.close().await;
+        }
+    }
+}
+
+/// A unique key name, so tests sharing Redis never share a limit.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}-{}", std::process::id(), rand::random::<u32>())
+}
+
+/// One provider (`oa-1`) serving `gpt-4o-mini`, storage and limits as
+/// given, and `keys` (TOML `[[keys]]` tables) appended.
+pub fn single_provider_config(sim: &str, storage_url: &str, limits_backend: &str, keys: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+request_timeout = "10s"
+shutdown_grace = "2s"
+[storage]
+url = "{storage_url}"
+[limits]
+backend = "{limits_backend}"
+[[providers]]
+id = "oa-1"
+kind = "openai"
+base_url = "{sim}/p/oa-1/v1"
+api_key = "sk-test-oa-1-secret"
+[[models]]
+id = "gpt-4o-mini"
+  [[models.routes]]
+  provider = "oa-1"
+  upstream_model = "gpt-4o-mini"
+[[models]]
+id = "claude-sonnet-4"
+  [[models.routes]]
+  provider = "oa-1"
+  upstream_model = "claude-via-openai"
+{keys}
+"#
+    )
 }
