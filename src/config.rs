@@ -57,12 +57,33 @@ impl Default for ServerConfig {
 pub struct StorageConfig {
     #[serde(deserialize_with = "de::string")]
     pub url: String,
+    /// Where ledger rows are made durable before they reach the database
+    /// (a local file, replayed at start). Default: beside a SQLite file
+    /// (`<db>.ledger.jsonl`), else `switchyard-ledger.jsonl`.
+    #[serde(deserialize_with = "de::opt_string")]
+    pub ledger_journal: Option<String>,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
             url: "sqlite://switchyard.db".into(),
+            ledger_journal: None,
+        }
+    }
+}
+
+impl StorageConfig {
+    pub fn journal_path(&self) -> std::path::PathBuf {
+        if let Some(p) = &self.ledger_journal {
+            return p.into();
+        }
+        match self.url.strip_prefix("sqlite://").or_else(|| self.url.strip_prefix("sqlite:")) {
+            Some(file) => {
+                let file = file.split('?').next().unwrap_or(file);
+                format!("{file}.ledger.jsonl").into()
+            }
+            None => "switchyard-ledger.jsonl".into(),
         }
     }
 }

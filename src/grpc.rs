@@ -13,18 +13,21 @@
 
 use std::{sync::Arc, time::Duration};
 
-use futures_util::StreamExt;
 use rand::distr::{Alphanumeric, SampleString};
 use tokio::{sync::mpsc, time::Instant};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{metadata::MetadataValue, Request, Response, Status};
 
 use crate::{
+    accounting::{chat_cost, Entry, Ledger, LedgerRow},
     auth::{Keys, Principal},
     error::Error,
     limits::{Limiter, Verdict},
     proto::{chat_server::Chat, openai_json, ChatChunk, ChatCompletion, ChatRequest, Role, Usage},
-    routing::{stream::estimate_tokens, CallOpts, Model, Router},
+    routing::{
+        stream::{estimate_tokens, RoutedStream},
+        CallOpts, Model, Router, Tries,
+    },
     telemetry::RequestTrace,
 };
 
@@ -36,6 +39,7 @@ pub struct ChatCore {
     keys: Arc<Keys>,
     router: Arc<Router>,
     limiter: Arc<Limiter>,
+    ledger: Arc<Ledger>,
     request_timeout: Duration,
 }
 
@@ -45,6 +49,10 @@ struct Admitted {
     opts: CallOpts,
     /// Input tokens charged to the token limit at admission.
     estimated_tokens: u64,
+    /// The request's id: the completion's `id` and the ledger's key.
+    id: String,
+    client_request_id: Option<String>,
+    started: Instant,
 }
 
 /// Who is asking, and the rate-limit figures their response will carry.
@@ -54,11 +62,12 @@ struct Caller {
 }
 
 impl ChatCore {
-    pub fn new(keys: Arc<Keys>, router: Arc<Router>, limiter: Arc<Limiter>, request_timeout: Duration) -> Self {
+    pub fn new(keys: Arc<Keys>, router: Arc<Router>, limiter: Arc<Limiter>, ledger: Arc<Ledger>, request_timeout: Duration) -> Self {
         ChatCore {
             keys,
             router,
             limiter,
+            ledger,
             request_timeout,
         }
     }
@@ -109,6 +118,12 @@ impl ChatCore {
         if !principal.may_use(&req.model) {
             return Err(Error::PermissionDenied(format!("this key may not use model {:?}", req.model)));
         }
+        if let Some(budget) = principal.budget_usd {
+            let spent = self.ledger.spent(&principal.name).await;
+            if spent >= budget {
+                return Err(Error::InsufficientQuota(format!("this key's budget of ${budget:.2} is spent")));
+            }
+        }
         let timeout = match client_timeout(request.metadata())? {
             Some(t) => t.min(self.request_timeout),
             None => self.request_timeout,
@@ -127,6 +142,7 @@ impl ChatCore {
                 retry_after_secs: verdict.retry_after_secs(),
             });
         }
+        let client_request_id = request.metadata().get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
         Ok(Admitted {
             model,
             opts: CallOpts {
@@ -135,7 +151,47 @@ impl ChatCore {
                 trace,
             },
             estimated_tokens,
+            id: new_completion_id(),
+            client_request_id,
+            started: Instant::now(),
         })
+    }
+
+    /// The ledger row of a request that reached routing.
+    fn row(principal: &Principal, admitted: &Admitted, model: &str) -> LedgerRow {
+        LedgerRow {
+            request_id: admitted.id.clone(),
+            client_request_id: admitted.client_request_id.clone(),
+            key_name: principal.name.clone(),
+            model: model.to_owned(),
+            provider: None,
+            upstream_model: None,
+            input_tokens: 0,
+            output_tokens: 0,
+            cached_tokens: 0,
+            cost_usd: 0.0,
+            latency_ms: admitted.started.elapsed().as_millis() as u64,
+            ttft_ms: None,
+            attempts: 0,
+            outcome: "error".into(),
+            error_code: None,
+            created_at: unix_now(),
+        }
+    }
+
+    fn record(ledger: &Ledger, entry: Entry) {
+        if let Err(e) = ledger.record(&entry) {
+            // The answer is not withheld for want of a journal: the row is
+            // logged whole so it can be recovered.
+            tracing::error!(row = ?entry.row, "ledger journal write failed: {e}");
+        }
+    }
+
+    fn record_failure(&self, principal: &Principal, admitted: &Admitted, model: &str, tries: &Tries, e: &Error) {
+        let mut row = Self::row(principal, admitted, model);
+        row.attempts = tries.count();
+        row.error_code = Some(e.code().to_owned());
+        Self::record(&self.ledger, Entry { row, attempts: tries.attempt_rows() });
     }
 
     /// Charges the token limit with what the request really used.
@@ -150,17 +206,31 @@ impl ChatCore {
     async fn do_complete(&self, caller: &mut Caller, request: Request<ChatRequest>) -> Result<Response<ChatCompletion>, Error> {
         let admitted = self.admit(caller, &request).await?;
         let req = Arc::new(request.into_inner());
-        let served = self.router.complete(&admitted.model, req.clone(), &admitted.opts).await;
+        let mut tries = Tries::default();
+        let served = self.router.complete(&admitted.model, req.clone(), &admitted.opts, &mut tries).await;
         let served = match served {
             Ok(s) => s,
             Err(e) => {
+                self.record_failure(&caller.principal, &admitted, &req.model, &tries, &e);
                 Self::reconcile(&self.limiter, &caller.principal, admitted.estimated_tokens, Some(&Usage::default())).await;
                 return Err(e);
             }
         };
         let mut completion = served.value;
+        let usage = completion.usage.unwrap_or_default();
+        let mut row = Self::row(&caller.principal, &admitted, &req.model);
+        row.provider = Some(served.route.provider.clone());
+        row.upstream_model = Some(served.route.upstream_model.clone());
+        row.input_tokens = u64::from(usage.prompt_tokens);
+        row.output_tokens = u64::from(usage.completion_tokens);
+        row.cached_tokens = u64::from(usage.cached_tokens.unwrap_or(0));
+        row.cost_usd = chat_cost(&served.route.price, row.input_tokens, row.cached_tokens, row.output_tokens);
+        row.ttft_ms = Some(row.latency_ms);
+        row.attempts = served.attempts;
+        row.outcome = "success".into();
+        Self::record(&self.ledger, Entry { row, attempts: tries.attempt_rows() });
         Self::reconcile(&self.limiter, &caller.principal, admitted.estimated_tokens, completion.usage.as_ref()).await;
-        completion.id = new_completion_id();
+        completion.id = admitted.id.clone();
         completion.created = unix_now();
         completion.model.clone_from(&req.model);
         if completion.usage.is_none() {
@@ -175,25 +245,30 @@ impl ChatCore {
         let admitted = self.admit(caller, &request).await?;
         let req = Arc::new(request.into_inner());
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
-        let served = match self.router.stream(&admitted.model, req.clone(), admitted.opts).await {
+        let mut tries = Tries::default();
+        let served = match self.router.stream(&admitted.model, req.clone(), admitted.opts.clone(), &mut tries).await {
             Ok(s) => s,
             Err(e) => {
+                self.record_failure(&caller.principal, &admitted, &req.model, &tries, &e);
                 Self::reconcile(&self.limiter, &caller.principal, admitted.estimated_tokens, Some(&Usage::default())).await;
                 return Err(e);
             }
         };
         let (tx, rx) = mpsc::channel(32);
         let relay = Relay {
-            id: new_completion_id(),
+            id: admitted.id.clone(),
             created: unix_now(),
             model: req.model.clone(),
             include_usage,
             tx,
             limiter: self.limiter.clone(),
+            ledger: self.ledger.clone(),
+            row: Self::row(&caller.principal, &admitted, &req.model),
+            started: admitted.started,
             principal: caller.principal.clone(),
             estimated_tokens: admitted.estimated_tokens,
         };
-        tokio::spawn(relay.run(served.value.into_stream()));
+        tokio::spawn(relay.run(served.value));
         let mut resp = Response::new(ReceiverStream::new(rx));
         served_metadata(&mut resp, &served.route.provider, served.attempts);
         Ok(resp)
@@ -284,7 +359,8 @@ impl Chat for ChatCore {
 }
 
 /// Relays one routed stream to one client, rewriting every chunk to the
-/// stream's own id, model and creation time.
+/// stream's own id, model and creation time, and records the stream in the
+/// ledger before the client gets its last byte.
 struct Relay {
     id: String,
     created: i64,
@@ -292,52 +368,84 @@ struct Relay {
     include_usage: bool,
     tx: mpsc::Sender<Result<ChatChunk, Status>>,
     limiter: Arc<Limiter>,
+    ledger: Arc<Ledger>,
+    row: LedgerRow,
+    started: Instant,
     principal: Arc<Principal>,
     estimated_tokens: u64,
 }
 
+enum End {
+    Complete,
+    Failed(Error),
+    ClientLeft,
+}
+
 impl Relay {
-    async fn run(self, stream: impl futures_util::Stream<Item = Result<ChatChunk, Error>> + Send) {
-        let mut usage = None;
-        self.relay(stream, &mut usage).await;
+    async fn run(self, mut routed: RoutedStream) {
+        let end = self.relay(&mut routed).await;
+        let summary = routed.summary();
+        // Done with the upstream before the bookkeeping.
+        drop(routed);
+        let mut row = self.row.clone();
+        row.provider = summary.provider;
+        row.upstream_model = summary.upstream_model;
+        row.input_tokens = summary.input_tokens;
+        row.output_tokens = summary.output_tokens;
+        row.cached_tokens = summary.cached_tokens;
         // Charged for what was produced, whether the client stayed or not.
-        ChatCore::reconcile(&self.limiter, &self.principal, self.estimated_tokens, usage.as_ref()).await;
+        row.cost_usd = summary.cost_usd;
+        row.ttft_ms = summary.ttft.map(|t| t.as_millis() as u64);
+        row.latency_ms = self.started.elapsed().as_millis() as u64;
+        row.attempts = summary.attempts;
+        let (outcome, failure) = match end {
+            End::Complete => ("success", None),
+            End::ClientLeft => ("abandoned", None),
+            End::Failed(e) => ("error", Some(e)),
+        };
+        row.outcome = outcome.into();
+        row.error_code = failure.as_ref().map(|e| e.code().to_owned());
+        let used = Usage::new(
+            u32::try_from(row.input_tokens).unwrap_or(u32::MAX),
+            u32::try_from(row.output_tokens).unwrap_or(u32::MAX),
+        );
+        ChatCore::record(&self.ledger, Entry { row, attempts: summary.attempt_rows });
+        ChatCore::reconcile(&self.limiter, &self.principal, self.estimated_tokens, Some(&used)).await;
+        // Only now the error event (or, when `tx` drops, `[DONE]`): the row
+        // is durable before the client's last byte.
+        if let Some(e) = failure {
+            let _ = self.tx.send(Err(e.to_status())).await;
+        }
     }
 
-    async fn relay(&self, stream: impl futures_util::Stream<Item = Result<ChatChunk, Error>> + Send, usage: &mut Option<Usage>) {
-        let mut stream = std::pin::pin!(stream);
+    async fn relay(&self, routed: &mut RoutedStream) -> End {
         loop {
             let next = tokio::select! {
-                // The client left: dropping the stream closes the upstream.
+                // The client left: the caller drops the stream, which
+                // closes the upstream.
                 _ = self.tx.closed() => {
                     tracing::debug!("client went away mid-stream; closing upstream");
-                    return;
+                    return End::ClientLeft;
                 }
-                next = stream.next() => next,
+                next = routed.next() => next,
             };
-            let item = match next {
-                None => return,
-                Some(Err(e)) => Err(e.to_status()),
-                Some(Ok(mut chunk)) => {
-                    if chunk.usage.is_some() {
-                        *usage = chunk.usage;
-                    }
-                    // Usage is sent only to clients that asked for it.
-                    if chunk.usage.is_some() && !self.include_usage {
-                        chunk.usage = None;
-                        if chunk.choices.is_empty() && chunk.failover.is_none() {
-                            continue;
-                        }
-                    }
-                    chunk.id.clone_from(&self.id);
-                    chunk.model.clone_from(&self.model);
-                    chunk.created = self.created;
-                    Ok(chunk)
+            let mut chunk = match next {
+                None => return End::Complete,
+                Some(Err(e)) => return End::Failed(e),
+                Some(Ok(chunk)) => chunk,
+            };
+            // Usage is sent only to clients that asked for it.
+            if chunk.usage.is_some() && !self.include_usage {
+                chunk.usage = None;
+                if chunk.choices.is_empty() && chunk.failover.is_none() {
+                    continue;
                 }
-            };
-            let last = item.is_err();
-            if self.tx.send(item).await.is_err() || last {
-                return;
+            }
+            chunk.id.clone_from(&self.id);
+            chunk.model.clone_from(&self.model);
+            chunk.created = self.created;
+            if self.tx.send(Ok(chunk)).await.is_err() {
+                return End::ClientLeft;
             }
         }
     }

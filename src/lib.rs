@@ -41,6 +41,7 @@ use std::{
 use axum::{middleware, serve::ListenerExt};
 use tokio::net::TcpListener;
 
+pub mod accounting;
 pub mod auth;
 pub mod config;
 pub mod demo;
@@ -59,6 +60,7 @@ pub use config::Config;
 pub use error::Error;
 
 use crate::{
+    accounting::Ledger,
     auth::Keys,
     grpc::ChatCore,
     http::{HttpState, Readiness},
@@ -84,6 +86,8 @@ pub enum ServeError {
     Storage(#[from] storage::StorageError),
     #[error(transparent)]
     Limits(#[from] limits::LimitsError),
+    #[error(transparent)]
+    Ledger(#[from] accounting::LedgerError),
 }
 
 /// The upstream HTTP client: pooled, with connect and keep-alive bounds.
@@ -107,8 +111,9 @@ where
     let storage = Storage::connect(&config.storage.url).await?;
     let keys = Arc::new(Keys::from_config(&config.keys).with_storage(storage.clone()));
     let limiter = Arc::new(Limiter::new(&config.limits.backend)?);
+    let ledger = Ledger::open(&config.storage.journal_path(), storage.clone())?;
     let router = Arc::new(Router::new(&config, upstream_client()?, telemetry.clone()));
-    let core = Arc::new(ChatCore::new(keys.clone(), router, limiter.clone(), config.server.request_timeout));
+    let core = Arc::new(ChatCore::new(keys.clone(), router, limiter.clone(), ledger.clone(), config.server.request_timeout));
     let readiness = Arc::new(Readiness::default());
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -165,6 +170,7 @@ where
         }
     }
     telemetry.shutdown(Duration::from_secs(5)).await;
+    ledger.flush().await;
     storage.close().await;
     Ok(())
 }

@@ -49,11 +49,28 @@ enum Command {
     },
     /// Validate a config file; every problem is listed.
     Check,
+    /// Per-key, per-model summary from the accounting store.
+    Usage {
+        /// Only this key (by name).
+        #[arg(long)]
+        key: Option<String>,
+        /// Only the last DURATION (e.g. 24h, 30m); default: everything.
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long, value_enum, default_value_t = UsageFormat::Table)]
+        format: UsageFormat,
+    },
     /// Mint, list and revoke stored gateway keys.
     Keys {
         #[command(subcommand)]
         command: KeysCommand,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum UsageFormat {
+    Table,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -212,9 +229,54 @@ async fn keys(config: Config, command: KeysCommand) -> ExitCode {
     code
 }
 
+async fn usage(config: Config, key: Option<String>, since: Option<String>, format: UsageFormat) -> ExitCode {
+    let since = match since.as_deref().map(switchyard::config::parse_duration) {
+        None => 0,
+        Some(Ok(d)) => switchyard::storage::unix_now() - d.as_secs() as i64,
+        Some(Err(e)) => {
+            eprintln!("error: --since: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let storage = match switchyard::storage::Storage::connect(&config.storage.url).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    let lines = storage.usage(since, key.as_deref()).await;
+    storage.close().await;
+    match lines {
+        Ok(lines) => {
+            match format {
+                UsageFormat::Json => println!("{}", serde_json::to_string(&lines).unwrap_or_else(|_| "[]".into())),
+                UsageFormat::Table => {
+                    println!("{:<24} {:<24} {:>10} {:>14} {:>14} {:>12}", "KEY", "MODEL", "REQUESTS", "INPUT_TOKENS", "OUTPUT_TOKENS", "COST_USD");
+                    for l in lines {
+                        println!(
+                            "{:<24} {:<24} {:>10} {:>14} {:>14} {:>12.6}",
+                            l.key, l.model, l.requests, l.input_tokens, l.output_tokens, l.cost_usd
+                        );
+                    }
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
 async fn run(cli: Cli) -> ExitCode {
     let config_path = cli.config.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
     match cli.command {
+        Command::Usage { key, since, format } => match load_for_storage(cli.config.as_deref()) {
+            Ok(config) => usage(config, key, since, format).await,
+            Err(code) => code,
+        },
         Command::Keys { command } => match load_for_storage(cli.config.as_deref()) {
             Ok(config) => keys(config, command).await,
             Err(code) => code,

@@ -31,10 +31,12 @@ use opentelemetry::{
     Context, KeyValue,
 };
 use opentelemetry_sdk::{
+    error::OTelSdkResult,
     propagation::TraceContextPropagator,
-    trace::{BatchConfigBuilder, Sampler, SdkTracer, SdkTracerProvider},
+    trace::{Sampler, SdkTracer, SdkTracerProvider, SpanData, SpanExporter, SpanProcessor},
     Resource,
 };
+use tokio::sync::{mpsc, oneshot};
 use tracing_subscriber::{fmt, EnvFilter};
 
 use crate::{config::TelemetryConfig, error::UpstreamError, proto::Usage};
@@ -62,51 +64,120 @@ pub fn init_logs(format: LogFormat) {
 pub struct RequestTrace(pub Context);
 
 pub struct Telemetry {
-    provider: SdkTracerProvider,
     tracer: SdkTracer,
     propagator: TraceContextPropagator,
-    exporting: bool,
+    export: Option<mpsc::Sender<Export>>,
 }
 
 #[derive(Debug, thiserror::Error)]
 #[error("building the OTLP exporter: {0}")]
 pub struct TelemetryError(String);
 
+/// Spans waiting for export, at most; past it new spans are dropped.
+const EXPORT_QUEUE: usize = 8192;
+const EXPORT_BATCH: usize = 512;
+const EXPORT_EVERY: Duration = Duration::from_millis(500);
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
+
+enum Export {
+    Span(Box<SpanData>),
+    Flush(oneshot::Sender<()>),
+}
+
+/// Hands finished spans to the export task without ever waiting: a full
+/// queue drops the span. (The SDK's own batch processors block the calling
+/// thread on shutdown, which deadlocks a runtime that is shutting down.)
+#[derive(Debug)]
+struct QueueProcessor {
+    tx: mpsc::Sender<Export>,
+}
+
+impl SpanProcessor for QueueProcessor {
+    fn on_start(&self, _span: &mut opentelemetry_sdk::trace::Span, _cx: &Context) {}
+
+    fn on_end(&self, span: SpanData) {
+        let _ = self.tx.try_send(Export::Span(Box::new(span)));
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        Ok(())
+    }
+
+    fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
+        Ok(())
+    }
+}
+
+/// Exports queued spans in batches, every half second or when a batch is
+/// full; a failed export loses that batch, never blocks the queue.
+async fn export_loop(exporter: opentelemetry_otlp::SpanExporter, mut rx: mpsc::Receiver<Export>) {
+    let mut batch: Vec<SpanData> = Vec::new();
+    let mut tick = tokio::time::interval(EXPORT_EVERY);
+    let send = |batch: Vec<SpanData>| {
+        let fut = exporter.export(batch);
+        async move {
+            match tokio::time::timeout(EXPORT_TIMEOUT, fut).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!("span export failed: {e}"),
+                Err(_) => tracing::debug!("span export timed out"),
+            }
+        }
+    };
+    loop {
+        tokio::select! {
+            msg = rx.recv() => match msg {
+                None => break,
+                Some(Export::Span(s)) => {
+                    batch.push(*s);
+                    if batch.len() >= EXPORT_BATCH {
+                        send(std::mem::take(&mut batch)).await;
+                    }
+                }
+                Some(Export::Flush(done)) => {
+                    if !batch.is_empty() {
+                        send(std::mem::take(&mut batch)).await;
+                    }
+                    let _ = done.send(());
+                }
+            },
+            _ = tick.tick() => {
+                if !batch.is_empty() {
+                    send(std::mem::take(&mut batch)).await;
+                }
+            }
+        }
+    }
+    if !batch.is_empty() {
+        send(batch).await;
+    }
+}
+
 impl Telemetry {
     pub fn new(config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
         let resource = Resource::builder().with_service_name(config.service_name.clone()).build();
         let sampler = Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(config.sample_ratio)));
-        let mut builder = SdkTracerProvider::builder().with_resource(resource).with_sampler(sampler);
-        let exporting = config.otlp_endpoint.is_some();
+        let mut builder = SdkTracerProvider::builder().with_resource(resource.clone()).with_sampler(sampler);
+        let mut export = None;
         if let Some(endpoint) = &config.otlp_endpoint {
             use opentelemetry_otlp::WithExportConfig;
-            let exporter = opentelemetry_otlp::SpanExporter::builder()
+            let mut exporter = opentelemetry_otlp::SpanExporter::builder()
                 .with_tonic()
                 .with_endpoint(endpoint.clone())
-                .with_timeout(Duration::from_secs(5))
+                .with_timeout(EXPORT_TIMEOUT)
                 .build()
                 .map_err(|e| TelemetryError(e.to_string()))?;
-            // Bounded queue, exported from the tokio runtime in batches; a
-            // full queue drops spans rather than waiting.
-            let batch = BatchConfigBuilder::default()
-                .with_max_queue_size(8192)
-                .with_scheduled_delay(Duration::from_millis(500))
-                .build();
-            let processor = opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor::builder(
-                exporter,
-                opentelemetry_sdk::runtime::Tokio,
-            )
-            .with_batch_config(batch)
-            .build();
-            builder = builder.with_span_processor(processor);
+            exporter.set_resource(&resource);
+            let (tx, rx) = mpsc::channel(EXPORT_QUEUE);
+            tokio::spawn(export_loop(exporter, rx));
+            builder = builder.with_span_processor(QueueProcessor { tx: tx.clone() });
+            export = Some(tx);
         }
         let provider = builder.build();
         let tracer = opentelemetry::trace::TracerProvider::tracer(&provider, "switchyard");
         Ok(Telemetry {
-            provider,
             tracer,
             propagator: TraceContextPropagator::new(),
-            exporting,
+            export,
         })
     }
 
@@ -146,14 +217,17 @@ impl Telemetry {
         }
     }
 
-    /// Flushes what is queued, within `timeout`. Called at shutdown.
+    /// Exports what is queued, waiting at most `timeout`. Called at
+    /// shutdown.
     pub async fn shutdown(&self, timeout: Duration) {
-        if !self.exporting {
-            return;
-        }
-        let provider = self.provider.clone();
-        let flush = tokio::task::spawn_blocking(move || provider.shutdown_with_timeout(timeout));
-        let _ = tokio::time::timeout(timeout + Duration::from_millis(100), flush).await;
+        let Some(tx) = &self.export else { return };
+        let (done, wait) = oneshot::channel();
+        let flushed = async {
+            if tx.send(Export::Flush(done)).await.is_ok() {
+                let _ = wait.await;
+            }
+        };
+        let _ = tokio::time::timeout(timeout, flushed).await;
     }
 }
 

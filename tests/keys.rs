@@ -59,9 +59,9 @@ async fn mint_use_revoke(storage_url: &str) {
     assert!(list.contains(&name) && list.contains("active"), "{list}");
     assert!(!list.contains(&key), "the secret is never listed");
 
-    // Two gateways share the store.
-    let a = gateway(&sim, &config_text).await;
-    let b = gateway(&sim, &config_text).await;
+    // Two gateways share the store (each with its own ledger journal).
+    let a = gateway(&sim, &single_provider_config(&sim.url(), storage_url, "memory", "")).await;
+    let b = gateway(&sim, &single_provider_config(&sim.url(), storage_url, "memory", "")).await;
     assert_eq!(status_with(&a, &key, "gpt-4o-mini").await, 200);
     assert_eq!(status_with(&b, &key, "gpt-4o-mini").await, 200);
     assert_eq!(status_with(&a, &key, "claude-sonnet-4").await, 403, "outside the key's globs");

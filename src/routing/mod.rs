@@ -124,15 +124,48 @@ pub struct Router {
 /// The bookkeeping of one request's attempts, shared by the first attempts
 /// and any mid-stream continuation.
 #[derive(Default)]
-pub(crate) struct Tries {
+pub struct Tries {
     /// Indices of the routes tried.
-    pub tried: Vec<usize>,
-    pub failed: Attempts,
+    pub(crate) tried: Vec<usize>,
+    pub(crate) failed: Attempts,
+    /// Every attempt launched, by number, and how each ended (an attempt
+    /// with no outcome was cancelled: a hedge that lost, or the deadline).
+    launched: Vec<(u32, Arc<Route>)>,
+    outcomes: Vec<(u32, &'static str, u64, u64)>,
 }
 
 impl Tries {
-    fn count(&self) -> u32 {
+    pub fn count(&self) -> u32 {
         self.tried.len() as u32
+    }
+
+    /// Notes how attempt `number` ended, with its input and output tokens.
+    pub(crate) fn record(&mut self, number: u32, outcome: &'static str, input: u64, output: u64) {
+        self.outcomes.retain(|o| o.0 != number);
+        self.outcomes.push((number, outcome, input, output));
+    }
+
+    /// The ledger's attempt rows, priced at what each provider will bill.
+    pub fn attempt_rows(&self) -> Vec<crate::accounting::AttemptRow> {
+        self.launched
+            .iter()
+            .map(|(n, route)| {
+                let (outcome, input, output) = self
+                    .outcomes
+                    .iter()
+                    .find(|o| o.0 == *n)
+                    .map_or(("cancelled", 0, 0), |o| (o.1, o.2, o.3));
+                crate::accounting::AttemptRow {
+                    attempt: *n,
+                    provider: route.provider.clone(),
+                    upstream_model: route.upstream_model.clone(),
+                    outcome: outcome.to_owned(),
+                    input_tokens: input,
+                    output_tokens: output,
+                    provider_cost_usd: crate::accounting::chat_cost(&route.price, input, 0, output),
+                }
+            })
+            .collect()
     }
 }
 
@@ -161,11 +194,12 @@ pub(crate) struct Won<T> {
     pub route: Arc<Route>,
     pub attempt: Attempt,
     pub span: AttemptSpan,
+    pub number: u32,
 }
 
 type AttemptFuture<T> = Pin<Box<dyn Future<Output = Result<T, UpstreamError>> + Send>>;
 /// An attempt under way: its route, its slot and span, and its outcome.
-type Launched<T> = Pin<Box<dyn Future<Output = (Arc<Route>, Attempt, AttemptSpan, Result<T, UpstreamError>)> + Send>>;
+type Launched<T> = Pin<Box<dyn Future<Output = (u32, Arc<Route>, Attempt, AttemptSpan, Result<T, UpstreamError>)> + Send>>;
 
 impl Router {
     pub fn new(config: &Config, http: reqwest::Client, telemetry: Arc<Telemetry>) -> Router {
@@ -227,10 +261,9 @@ impl Router {
     }
 
     /// One whole answer from the first provider that gives one.
-    pub async fn complete(&self, model: &Arc<Model>, req: Arc<ChatRequest>, opts: &CallOpts) -> Result<Served<ChatCompletion>, Error> {
-        let mut tries = Tries::default();
+    pub async fn complete(&self, model: &Arc<Model>, req: Arc<ChatRequest>, opts: &CallOpts, tries: &mut Tries) -> Result<Served<ChatCompletion>, Error> {
         let won = self
-            .run(model, &Plan::first(Kind::Sync), opts, &mut tries, |route, call| {
+            .run(model, &Plan::first(Kind::Sync), opts, tries, |route, call| {
                 let req = req.clone();
                 let adapter = route.adapter.clone();
                 Box::pin(async move { adapter.complete(&req, &call.as_ref()).await })
@@ -242,6 +275,7 @@ impl Router {
         won.span.first_content(now.saturating_duration_since(won.attempt.started()));
         won.span.succeed(usage.as_ref(), finish);
         won.attempt.succeed(usage.map_or(0, |u| u.completion_tokens), now);
+        tries.record(won.number, "success", usage.map_or(0, |u| u64::from(u.prompt_tokens)), usage.map_or(0, |u| u64::from(u.completion_tokens)));
         Ok(Served {
             value: won.value,
             route: won.route,
@@ -251,10 +285,11 @@ impl Router {
 
     /// Starts a stream on the best provider that produces content, and
     /// keeps it going across providers if one breaks mid-answer.
-    pub async fn stream(self: &Arc<Self>, model: &Arc<Model>, req: Arc<ChatRequest>, opts: CallOpts) -> Result<Served<stream::RoutedStream>, Error> {
-        let mut tries = Tries::default();
+    /// On failure, `tries` tells what was attempted; on success it moves
+    /// into the stream, which reports it at the end.
+    pub async fn stream(self: &Arc<Self>, model: &Arc<Model>, req: Arc<ChatRequest>, opts: CallOpts, tries: &mut Tries) -> Result<Served<stream::RoutedStream>, Error> {
         let won = self
-            .run(model, &Plan::first(Kind::Stream), &opts, &mut tries, |route, call| {
+            .run(model, &Plan::first(Kind::Stream), &opts, tries, |route, call| {
                 let req = req.clone();
                 let route = route.clone();
                 Box::pin(async move { first_content(&route, &req, call).await })
@@ -262,7 +297,7 @@ impl Router {
             .await?;
         let route = won.route.clone();
         let attempts = tries.count();
-        let routed = stream::RoutedStream::new(self.clone(), model.clone(), req, opts, tries, won);
+        let routed = stream::RoutedStream::new(self.clone(), model.clone(), req, opts, std::mem::take(tries), won);
         Ok(Served {
             value: routed,
             route,
@@ -302,11 +337,12 @@ impl Router {
             tokio::select! {
                 // An attempt that ends at the deadline is reported as such.
                 biased;
-                Some((route, attempt, span, result)) = in_flight.next() => {
+                Some((number, route, attempt, span, result)) = in_flight.next() => {
                     let now = Instant::now();
                     match result {
-                        Ok(value) => return Ok(Won { value, route, attempt, span }),
+                        Ok(value) => return Ok(Won { value, route, attempt, span, number }),
                         Err(e) => {
+                            tries.record(number, "failure", 0, 0);
                             attempt.fail(&e, now);
                             span.fail(&e, None);
                             if !e.is_retryable() {
@@ -379,6 +415,8 @@ impl Router {
         };
         tries.tried.push(index);
         let route = model.routes[index].clone();
+        let number = tries.count();
+        tries.launched.push((number, route.clone()));
         let span = self.telemetry.attempt_span(
             &opts.trace,
             AttemptInfo {
@@ -402,7 +440,7 @@ impl Router {
                 Ok(r) => r,
                 Err(_) => Err(timed_out(&route)),
             };
-            (route, attempt, span, result)
+            (number, route, attempt, span, result)
         }))
     }
 

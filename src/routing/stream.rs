@@ -46,6 +46,7 @@ pub fn estimate_tokens(text: &str) -> u32 {
 }
 
 struct Current {
+    number: u32,
     route: Arc<Route>,
     attempt: Attempt,
     span: AttemptSpan,
@@ -72,7 +73,29 @@ pub struct RoutedStream {
     first_usage: Option<Usage>,
     /// Output tokens of attempts that broke, estimated where unreported.
     earlier_output: u32,
+    /// Each attempt that sent content: its route and the output tokens the
+    /// client received from it (each is charged at its own route's price).
+    segments: Vec<(Arc<Route>, u64)>,
+    started: Instant,
+    ttft: Option<std::time::Duration>,
     done: bool,
+}
+
+/// What a stream cost, for the ledger.
+#[derive(Debug, Clone)]
+pub struct StreamSummary {
+    /// The route that sent the first content.
+    pub provider: Option<String>,
+    pub upstream_model: Option<String>,
+    pub input_tokens: u64,
+    pub cached_tokens: u64,
+    pub output_tokens: u64,
+    /// Input once at the first route's price, and every output token the
+    /// client received at the price of the route that produced it.
+    pub cost_usd: f64,
+    pub ttft: Option<std::time::Duration>,
+    pub attempts: u32,
+    pub attempt_rows: Vec<crate::accounting::AttemptRow>,
 }
 
 impl RoutedStream {
@@ -90,20 +113,62 @@ impl RoutedStream {
             finished: false,
             first_usage: None,
             earlier_output: 0,
+            segments: Vec::new(),
+            started: Instant::now(),
+            ttft: None,
             done: false,
         };
         s.adopt(won, false);
         s
     }
 
+    /// The stream's cost so far (at its end: its whole cost). An attempt
+    /// still streaming (the client left) counts what it delivered.
+    pub fn summary(&self) -> StreamSummary {
+        let mut tries_rows = self.tries.attempt_rows();
+        let mut segments = self.segments.clone();
+        if let Some(cur) = &self.current {
+            let delivered = u64::from(estimate_tokens(&cur.delivered));
+            segments.push((cur.route.clone(), delivered));
+            if let Some(row) = tries_rows.iter_mut().find(|r| r.attempt == cur.number) {
+                row.outcome = "abandoned".into();
+                row.output_tokens = delivered;
+                row.provider_cost_usd = crate::accounting::chat_cost(&cur.route.price, row.input_tokens, 0, delivered);
+            }
+        }
+        let first = segments.first().map(|(r, _)| r.clone());
+        let usage = self.first_usage.unwrap_or_else(|| Usage::new(self.estimate_prompt(), 0));
+        let input = u64::from(usage.prompt_tokens);
+        let cached = u64::from(usage.cached_tokens.unwrap_or(0));
+        let mut cost = first.as_ref().map_or(0.0, |r| crate::accounting::chat_cost(&r.price, input, cached, 0));
+        for (route, out) in &segments {
+            cost += crate::accounting::chat_cost(&route.price, 0, 0, *out);
+        }
+        StreamSummary {
+            provider: first.as_ref().map(|r| r.provider.clone()),
+            upstream_model: first.as_ref().map(|r| r.upstream_model.clone()),
+            input_tokens: input,
+            cached_tokens: cached,
+            output_tokens: segments.iter().map(|s| s.1).sum(),
+            cost_usd: cost,
+            ttft: self.ttft,
+            attempts: self.tries.count(),
+            attempt_rows: tries_rows,
+        }
+    }
+
     /// Makes `won` the current attempt and queues its head chunks.
     fn adopt(&mut self, won: Won<Started>, continuation: bool) {
-        let Won { value, route, mut attempt, span } = won;
+        let Won { value, route, mut attempt, span, number } = won;
         let now = Instant::now();
+        if self.ttft.is_none() {
+            self.ttft = Some(now.saturating_duration_since(self.started));
+        }
         attempt.first_content(now);
         span.first_content(now.saturating_duration_since(attempt.started()));
         let Started { head, rest, finished } = value;
         let mut cur = Current {
+            number,
             route,
             attempt,
             span,
@@ -170,6 +235,9 @@ impl RoutedStream {
         let Some(cur) = self.current.take() else { return };
         let output = cur.usage.map_or_else(|| estimate_tokens(&cur.delivered), |u| u.completion_tokens);
         let usage = cur.usage;
+        let prompt = usage.map_or_else(|| self.estimate_prompt(), |u| u.prompt_tokens);
+        self.tries.record(cur.number, "success", u64::from(prompt), u64::from(output));
+        self.segments.push((cur.route.clone(), u64::from(output)));
         cur.span.succeed(usage.as_ref(), cur.finish_reason);
         cur.attempt.succeed(output, Instant::now());
         if self.first_usage.is_none() {
@@ -216,6 +284,10 @@ impl RoutedStream {
         if self.first_usage.is_none() {
             self.first_usage = cur.usage.or(Some(Usage::new(self.estimate_prompt(), 0)));
         }
+        let prompt = cur.usage.map_or_else(|| self.estimate_prompt(), |u| u.prompt_tokens);
+        let produced = cur.usage.map_or(delivered, |u| u.completion_tokens.max(delivered));
+        self.tries.record(cur.number, "failure", u64::from(prompt), u64::from(produced));
+        self.segments.push((cur.route.clone(), u64::from(delivered)));
         self.earlier_output = self.earlier_output.saturating_add(cur.usage.map_or(delivered, |u| u.completion_tokens.max(delivered)));
         tracing::warn!(provider = %cur.route.provider, class = e.class(), "stream failed after content: {e}");
         cur.span.fail(&e, Some(delivered));
@@ -295,7 +367,10 @@ impl RoutedStream {
                     let provider = cur.route.provider.clone();
                     let e = UpstreamError::new(&provider, UpstreamErrorKind::Timeout, "the request's deadline passed mid-stream");
                     if let Some(cur) = self.current.take() {
-                        cur.span.fail(&e, Some(estimate_tokens(&cur.delivered)));
+                        let delivered = estimate_tokens(&cur.delivered);
+                        self.tries.record(cur.number, "failure", u64::from(self.estimate_prompt()), u64::from(delivered));
+                        self.segments.push((cur.route.clone(), u64::from(delivered)));
+                        cur.span.fail(&e, Some(delivered));
                         cur.attempt.fail(&e, Instant::now());
                     }
                     self.tries.failed.push(e);

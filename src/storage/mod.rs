@@ -47,6 +47,17 @@ pub struct StoredKey {
     pub revoked_at: Option<i64>,
 }
 
+/// One line of `switchyard usage`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct UsageLine {
+    pub key: String,
+    pub model: String,
+    pub requests: i64,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub cost_usd: f64,
+}
+
 /// What `keys create` stores.
 pub struct NewKey<'a> {
     pub name: &'a str,
@@ -164,6 +175,135 @@ impl Storage {
         let sql = select_keys!("WHERE digest = $1 AND revoked_at IS NULL");
         let row: Option<KeyRow> = on_pool!(self, pool => sqlx::query_as(sql).bind(digest_hex).fetch_optional(pool).await)?;
         Ok(row.map(key_from_row))
+    }
+
+    /// Inserts ledger entries, each only if its request id is absent.
+    pub async fn insert_entries(&self, entries: &[crate::accounting::Entry]) -> Result<(), StorageError> {
+        const ROW: &str = "INSERT INTO ledger (request_id, client_request_id, key_name, model, provider, upstream_model, \
+            input_tokens, output_tokens, cached_tokens, cost_usd, latency_ms, ttft_ms, attempts, outcome, error_code, created_at) \
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) ON CONFLICT (request_id) DO NOTHING";
+        const ATTEMPT: &str = "INSERT INTO ledger_attempts (request_id, attempt, provider, upstream_model, outcome, input_tokens, \
+            output_tokens, provider_cost_usd) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (request_id, attempt) DO NOTHING";
+        let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        on_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            for e in entries {
+                let r = &e.row;
+                sqlx::query(ROW)
+                    .bind(&r.request_id)
+                    .bind(&r.client_request_id)
+                    .bind(&r.key_name)
+                    .bind(&r.model)
+                    .bind(&r.provider)
+                    .bind(&r.upstream_model)
+                    .bind(n(r.input_tokens))
+                    .bind(n(r.output_tokens))
+                    .bind(n(r.cached_tokens))
+                    .bind(r.cost_usd)
+                    .bind(n(r.latency_ms))
+                    .bind(r.ttft_ms.map(n))
+                    .bind(i64::from(r.attempts))
+                    .bind(&r.outcome)
+                    .bind(&r.error_code)
+                    .bind(r.created_at)
+                    .execute(&mut *tx)
+                    .await?;
+                for a in &e.attempts {
+                    sqlx::query(ATTEMPT)
+                        .bind(&r.request_id)
+                        .bind(i64::from(a.attempt))
+                        .bind(&a.provider)
+                        .bind(&a.upstream_model)
+                        .bind(&a.outcome)
+                        .bind(n(a.input_tokens))
+                        .bind(n(a.output_tokens))
+                        .bind(a.provider_cost_usd)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+
+    /// The ledger's rows for a key, oldest first (for operators' tools and
+    /// tests; the gateway itself only appends).
+    pub async fn ledger_rows(&self, key_name: &str) -> Result<Vec<crate::accounting::LedgerRow>, StorageError> {
+        type Row = (String, Option<String>, String, String, Option<String>, Option<String>, i64, i64, i64, f64, i64, Option<i64>, i64, String, Option<String>, i64);
+        let sql = "SELECT request_id, client_request_id, key_name, model, provider, upstream_model, input_tokens, output_tokens, \
+                   cached_tokens, cost_usd, latency_ms, ttft_ms, attempts, outcome, error_code, created_at FROM ledger \
+                   WHERE key_name = $1 ORDER BY created_at, request_id";
+        let rows: Vec<Row> = on_pool!(self, pool => sqlx::query_as(sql).bind(key_name).fetch_all(pool).await)?;
+        let u = |v: i64| u64::try_from(v).unwrap_or(0);
+        Ok(rows
+            .into_iter()
+            .map(|r| crate::accounting::LedgerRow {
+                request_id: r.0,
+                client_request_id: r.1,
+                key_name: r.2,
+                model: r.3,
+                provider: r.4,
+                upstream_model: r.5,
+                input_tokens: u(r.6),
+                output_tokens: u(r.7),
+                cached_tokens: u(r.8),
+                cost_usd: r.9,
+                latency_ms: u(r.10),
+                ttft_ms: r.11.map(u),
+                attempts: u32::try_from(r.12).unwrap_or(0),
+                outcome: r.13,
+                error_code: r.14,
+                created_at: r.15,
+            })
+            .collect())
+    }
+
+    /// A request's attempt rows, in order.
+    pub async fn attempt_rows(&self, request_id: &str) -> Result<Vec<crate::accounting::AttemptRow>, StorageError> {
+        let sql = "SELECT attempt, provider, upstream_model, outcome, input_tokens, output_tokens, provider_cost_usd \
+                   FROM ledger_attempts WHERE request_id = $1 ORDER BY attempt";
+        let rows: Vec<(i64, String, String, String, i64, i64, f64)> =
+            on_pool!(self, pool => sqlx::query_as(sql).bind(request_id).fetch_all(pool).await)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| crate::accounting::AttemptRow {
+                attempt: u32::try_from(r.0).unwrap_or(0),
+                provider: r.1,
+                upstream_model: r.2,
+                outcome: r.3,
+                input_tokens: u64::try_from(r.4).unwrap_or(0),
+                output_tokens: u64::try_from(r.5).unwrap_or(0),
+                provider_cost_usd: r.6,
+            })
+            .collect())
+    }
+
+    /// What a key has spent, per the ledger.
+    pub async fn spent(&self, key_name: &str) -> Result<f64, StorageError> {
+        let sql = "SELECT COALESCE(SUM(cost_usd), 0.0) FROM ledger WHERE key_name = $1";
+        let (v,): (f64,) = on_pool!(self, pool => sqlx::query_as(sql).bind(key_name).fetch_one(pool).await)?;
+        Ok(v)
+    }
+
+    /// Per key and model since `since` (unix seconds), optionally for one key.
+    pub async fn usage(&self, since: i64, key_name: Option<&str>) -> Result<Vec<UsageLine>, StorageError> {
+        let sql = "SELECT key_name, model, COUNT(*), COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0), \
+                   COALESCE(SUM(cost_usd), 0.0) FROM ledger WHERE created_at >= $1 AND ($2 IS NULL OR key_name = $2) \
+                   GROUP BY key_name, model ORDER BY key_name, model";
+        let rows: Vec<(String, String, i64, i64, i64, f64)> =
+            on_pool!(self, pool => sqlx::query_as(sql).bind(since).bind(key_name).fetch_all(pool).await)?;
+        Ok(rows
+            .into_iter()
+            .map(|(key, model, requests, input_tokens, output_tokens, cost_usd)| UsageLine {
+                key,
+                model,
+                requests,
+                input_tokens,
+                output_tokens,
+                cost_usd,
+            })
+            .collect())
     }
 
     /// Is the database answering?

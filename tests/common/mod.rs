@@ -264,6 +264,7 @@ pub fn unique(prefix: &str) -> String {
 /// One provider (`oa-1`) serving `gpt-4o-mini`, storage and limits as
 /// given, and `keys` (TOML `[[keys]]` tables) appended.
 pub fn single_provider_config(sim: &str, storage_url: &str, limits_backend: &str, keys: &str) -> String {
+    let journal = temp_db_url().trim_start_matches("sqlite://").replace(".db", ".jsonl");
     format!(
         r#"
 [server]
@@ -272,6 +273,7 @@ request_timeout = "10s"
 shutdown_grace = "2s"
 [storage]
 url = "{storage_url}"
+ledger_journal = "{journal}"
 [limits]
 backend = "{limits_backend}"
 [[providers]]

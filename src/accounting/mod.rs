@@ -1,0 +1,320 @@
+//! Accounting: one ledger row per request, and one row per provider
+//! attempt, priced by the routes' prices.
+//!
+//! A request's row is made durable before the client receives the
+//! response's last byte: it is appended to a local journal (one JSON line,
+//! one `write`: a process killed with SIGKILL loses nothing the kernel was
+//! handed). A background writer moves journal lines into the database in
+//! batches, inserting each row only if its request id is absent, and the
+//! journal is replayed from the start when the gateway starts — so every row
+//! reaches the database exactly once, and the database stays off the
+//! request path.
+//!
+//! Budgets are enforced from the same figures: what the database holds for
+//! a key (re-read in the background at most every second) plus what this
+//! replica recorded since.
+
+use std::{
+    collections::HashMap,
+    io::{Read, Seek, SeekFrom, Write},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::{sync::Notify, time::Instant};
+
+use crate::{config::Price, storage::Storage};
+
+/// A request, as the ledger records it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LedgerRow {
+    pub request_id: String,
+    pub client_request_id: Option<String>,
+    pub key_name: String,
+    pub model: String,
+    /// The provider that served it (for a stream: sent the first content).
+    pub provider: Option<String>,
+    pub upstream_model: Option<String>,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cached_tokens: u64,
+    /// What the key is charged.
+    pub cost_usd: f64,
+    pub latency_ms: u64,
+    pub ttft_ms: Option<u64>,
+    pub attempts: u32,
+    /// `success`, `error` or `abandoned` (the client left mid-stream).
+    pub outcome: String,
+    pub error_code: Option<String>,
+    pub created_at: i64,
+}
+
+/// One provider attempt, with what that provider will bill for it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttemptRow {
+    pub attempt: u32,
+    pub provider: String,
+    pub upstream_model: String,
+    /// `success`, `failure` or `cancelled`.
+    pub outcome: String,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub provider_cost_usd: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Entry {
+    pub row: LedgerRow,
+    pub attempts: Vec<AttemptRow>,
+}
+
+/// USD for `input` prompt tokens (of which `cached` came from the
+/// provider's cache) and `output` tokens at `price`. Cached input is priced
+/// at `cached_input_per_mtok` when the route gives one, never as fresh input
+/// on top.
+pub fn chat_cost(price: &Price, input: u64, cached: u64, output: u64) -> f64 {
+    let per = |n: u64, p: Option<f64>| n as f64 * p.unwrap_or(0.0) / 1_000_000.0;
+    let cached = cached.min(input);
+    per(input - cached, price.input_per_mtok)
+        + per(cached, price.cached_input_per_mtok.or(price.input_per_mtok))
+        + per(output, price.output_per_mtok)
+}
+
+/// Journal size past which a fully flushed journal is emptied.
+const ROTATE_BYTES: u64 = 256 * 1024;
+const FLUSH_EVERY: Duration = Duration::from_millis(200);
+const BUDGET_REFRESH: Duration = Duration::from_secs(1);
+
+struct Spent {
+    db: f64,
+    since_refresh: f64,
+    refreshed: Option<Instant>,
+    refreshing: bool,
+}
+
+pub struct Ledger {
+    journal: Mutex<std::fs::File>,
+    path: PathBuf,
+    storage: Storage,
+    wake: Notify,
+    spent: Mutex<HashMap<String, Spent>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("ledger journal {path}: {source}")]
+pub struct LedgerError {
+    path: String,
+    source: std::io::Error,
+}
+
+impl Ledger {
+    /// Opens (creating if needed) the journal at `path` and starts the
+    /// writer, which first replays whatever the journal still holds.
+    pub fn open(path: &Path, storage: Storage) -> Result<Arc<Ledger>, LedgerError> {
+        let err = |source| LedgerError {
+            path: path.display().to_string(),
+            source,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(err)?;
+        }
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(err)?;
+        // One gateway per journal: two appending and truncating one file
+        // could lose rows.
+        file.try_lock().map_err(|_| {
+            err(std::io::Error::other(
+                "in use by another gateway process; give each replica its own storage.ledger_journal",
+            ))
+        })?;
+        let ledger = Arc::new(Ledger {
+            journal: Mutex::new(file),
+            path: path.to_owned(),
+            storage,
+            wake: Notify::new(),
+            spent: Mutex::default(),
+        });
+        tokio::spawn(writer(Arc::downgrade(&ledger)));
+        Ok(ledger)
+    }
+
+    /// Makes a request's entry durable. Returns once the line is in the
+    /// kernel's hands.
+    pub fn record(&self, entry: &Entry) -> Result<(), std::io::Error> {
+        let mut line = serde_json::to_vec(entry).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        {
+            let mut f = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+            // One write of the whole line: O_APPEND keeps lines whole.
+            f.write_all(&line)?;
+        }
+        if entry.row.cost_usd > 0.0 {
+            let mut spent = self.spent.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(s) = spent.get_mut(&entry.row.key_name) {
+                s.since_refresh += entry.row.cost_usd;
+            }
+        }
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// What `key` has spent, as far as this replica can tell without
+    /// waiting on the database (it waits once, the first time a key asks).
+    pub async fn spent(self: &Arc<Self>, key: &str) -> f64 {
+        let (known, stale) = {
+            let mut spent = self.spent.lock().unwrap_or_else(|p| p.into_inner());
+            match spent.get_mut(key) {
+                Some(s) => {
+                    let stale = !s.refreshing && s.refreshed.is_none_or(|t| t.elapsed() >= BUDGET_REFRESH);
+                    if stale {
+                        s.refreshing = true;
+                    }
+                    (Some(s.db + s.since_refresh), stale)
+                }
+                None => (None, true),
+            }
+        };
+        match known {
+            Some(v) => {
+                if stale {
+                    let me = self.clone();
+                    let key = key.to_owned();
+                    tokio::spawn(async move { me.refresh(&key).await });
+                }
+                v
+            }
+            None => self.refresh(key).await,
+        }
+    }
+
+    async fn refresh(&self, key: &str) -> f64 {
+        let started = Instant::now();
+        let db = self.storage.spent(key).await;
+        let mut spent = self.spent.lock().unwrap_or_else(|p| p.into_inner());
+        let s = spent.entry(key.to_owned()).or_insert(Spent {
+            db: 0.0,
+            since_refresh: 0.0,
+            refreshed: None,
+            refreshing: false,
+        });
+        s.refreshing = false;
+        match db {
+            Ok(v) => {
+                s.db = v;
+                // What was recorded since is in the journal, perhaps not
+                // yet in the database: keep counting it (at worst twice,
+                // briefly — erring towards refusing, not overspending).
+                s.since_refresh = 0.0;
+                s.refreshed = Some(started);
+            }
+            Err(e) => tracing::warn!("reading spend for a budget: {e}"),
+        }
+        s.db + s.since_refresh
+    }
+
+    /// Moves everything journaled into the database now (at shutdown).
+    pub async fn flush(&self) {
+        let mut offset = 0;
+        let _ = flush_once(self, &mut offset).await;
+    }
+
+    pub fn journal_path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Reads complete journal lines from `offset`, inserts them, and empties
+/// the journal once it is all in the database and large enough.
+async fn flush_once(ledger: &Ledger, offset: &mut u64) -> Result<(), String> {
+    let path = ledger.path.clone();
+    let start = *offset;
+    let (bytes, len) = tokio::task::spawn_blocking(move || -> std::io::Result<(Vec<u8>, u64)> {
+        let mut f = std::fs::File::open(&path)?;
+        let len = f.metadata()?.len();
+        if len < start {
+            return Ok((Vec::new(), len));
+        }
+        f.seek(SeekFrom::Start(start))?;
+        let mut buf = Vec::new();
+        f.take(len - start).read_to_end(&mut buf)?;
+        Ok((buf, len))
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?;
+    if len < start {
+        *offset = 0;
+        return Ok(());
+    }
+    let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let entries: Vec<Entry> = bytes[..complete]
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .filter_map(|l| match serde_json::from_slice(l) {
+            Ok(e) => Some(e),
+            Err(e) => {
+                tracing::error!("skipping an unreadable ledger journal line: {e}");
+                None
+            }
+        })
+        .collect();
+    if !entries.is_empty() {
+        ledger.storage.insert_entries(&entries).await.map_err(|e| e.to_string())?;
+    }
+    *offset = start + complete as u64;
+    if *offset >= ROTATE_BYTES {
+        // Under the append lock, so no line can land between the check and
+        // the truncation.
+        let f = ledger.journal.lock().unwrap_or_else(|p| p.into_inner());
+        if f.metadata().map(|m| m.len()).ok() == Some(*offset) {
+            f.set_len(0).map_err(|e| e.to_string())?;
+            *offset = 0;
+        }
+    }
+    Ok(())
+}
+
+async fn writer(ledger: std::sync::Weak<Ledger>) {
+    // Replays the journal from its start: rows already in the database are
+    // skipped by their request id.
+    let mut offset = 0u64;
+    loop {
+        let Some(l) = ledger.upgrade() else { return };
+        if let Err(e) = flush_once(&l, &mut offset).await {
+            tracing::error!("ledger writer: {e}; retrying");
+        }
+        let notified = async {
+            tokio::select! {
+                _ = l.wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        };
+        notified.await;
+        drop(l);
+        // Batch what arrives meanwhile.
+        tokio::time::sleep(FLUSH_EVERY).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cached_input_is_priced_as_cached_not_on_top() {
+        let price = Price {
+            input_per_mtok: Some(1.0),
+            output_per_mtok: Some(2.0),
+            cached_input_per_mtok: Some(0.25),
+            ..Default::default()
+        };
+        let c = chat_cost(&price, 1_000_000, 400_000, 500_000);
+        assert!((c - (0.6 + 0.1 + 1.0)).abs() < 1e-9, "{c}");
+        let no_cached_price = Price {
+            input_per_mtok: Some(1.0),
+            ..Default::default()
+        };
+        assert!((chat_cost(&no_cached_price, 1_000_000, 400_000, 0) - 1.0).abs() < 1e-9);
+    }
+}
