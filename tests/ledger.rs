@@ -297,3 +297,35 @@ async fn usage_command_summarises_per_key_and_model() {
     assert_eq!(v[0]["output_tokens"], 48);
     assert!((v[0]["cost_usd"].as_f64().unwrap() - total).abs() < 1e-12);
 }
+
+#[tokio::test]
+async fn a_shutdown_under_load_loses_no_rows() {
+    let url = temp_db_url();
+    let mut h = harness(&url, "").await;
+    h.faults("oa-1", Faults { chunk_delay_ms: Some(5), ..Default::default() });
+    h.faults("oa-2", Faults { chunk_delay_ms: Some(5), ..Default::default() });
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..30 {
+        let (client, u) = (h.http.clone(), h.url("/v1/chat/completions"));
+        tasks.spawn(async move {
+            let body = json!({"model": "gpt-4o-mini", "stream": i % 2 == 0, "messages": user("Hello")});
+            match client.post(u).bearer_auth(KEY).json(&body).send().await {
+                Ok(r) if r.status() == 200 => r.text().await.is_ok_and(|t| t.contains("chat.completion")),
+                _ => false,
+            }
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    h.shutdown();
+    let mut served = 0;
+    while let Some(r) = tasks.join_next().await {
+        if r.unwrap() {
+            served += 1;
+        }
+    }
+    tokio::time::timeout(Duration::from_secs(10), h.task.take().unwrap()).await.unwrap().unwrap().unwrap();
+    assert!(served > 0);
+    let storage = Storage::connect(&url).await.unwrap();
+    let rows = storage.ledger_rows("ledger").await.unwrap();
+    assert_eq!(rows.iter().filter(|r| r.outcome == "success").count(), served, "every answered request has its row once the server has stopped");
+}
