@@ -306,7 +306,8 @@ async fn run(cli: Cli) -> ExitCode {
                     return ExitCode::from(EXIT_RUNTIME);
                 }
             };
-            tracing::info!(addr = %config.server.listen, "switchyard listening");
+            let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            tracing::info!(addr = %addr, "switchyard listening");
             finish(serve(listener, config, shutdown_signal()).await)
         }
         Command::Demo { listen } => {

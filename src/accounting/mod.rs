@@ -11,8 +11,8 @@
 //! request path.
 //!
 //! Budgets are enforced from the same figures: what the database holds for
-//! a key (re-read in the background at most every second) plus what this
-//! replica recorded since.
+//! a key (re-read when older than a quarter second, for keys with a budget
+//! only) plus what this replica journaled and has not yet written there.
 
 use std::{
     collections::HashMap,
@@ -85,13 +85,13 @@ pub fn chat_cost(price: &Price, input: u64, cached: u64, output: u64) -> f64 {
 /// Journal size past which a fully flushed journal is emptied.
 const ROTATE_BYTES: u64 = 256 * 1024;
 const FLUSH_EVERY: Duration = Duration::from_millis(200);
-const BUDGET_REFRESH: Duration = Duration::from_secs(1);
+const BUDGET_REFRESH: Duration = Duration::from_millis(250);
+/// How long a budget check waits on the database before using what it has.
+const BUDGET_READ_TIMEOUT: Duration = Duration::from_millis(200);
 
 struct Spent {
     db: f64,
-    since_refresh: f64,
-    refreshed: Option<Instant>,
-    refreshing: bool,
+    refreshed: Instant,
 }
 
 pub struct Ledger {
@@ -100,6 +100,8 @@ pub struct Ledger {
     storage: Storage,
     wake: Notify,
     spent: Mutex<HashMap<String, Spent>>,
+    /// Cost journaled here but not yet in the database, by key.
+    unflushed: Mutex<HashMap<String, f64>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -134,6 +136,7 @@ impl Ledger {
             storage,
             wake: Notify::new(),
             spent: Mutex::default(),
+            unflushed: Mutex::default(),
         });
         tokio::spawn(writer(Arc::downgrade(&ledger)));
         Ok(ledger)
@@ -150,67 +153,50 @@ impl Ledger {
             f.write_all(&line)?;
         }
         if entry.row.cost_usd > 0.0 {
-            let mut spent = self.spent.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(s) = spent.get_mut(&entry.row.key_name) {
-                s.since_refresh += entry.row.cost_usd;
-            }
+            let mut unflushed = self.unflushed.lock().unwrap_or_else(|p| p.into_inner());
+            *unflushed.entry(entry.row.key_name.clone()).or_default() += entry.row.cost_usd;
         }
         self.wake.notify_one();
         Ok(())
     }
 
-    /// What `key` has spent, as far as this replica can tell without
-    /// waiting on the database (it waits once, the first time a key asks).
-    pub async fn spent(self: &Arc<Self>, key: &str) -> f64 {
-        let (known, stale) = {
-            let mut spent = self.spent.lock().unwrap_or_else(|p| p.into_inner());
-            match spent.get_mut(key) {
-                Some(s) => {
-                    let stale = !s.refreshing && s.refreshed.is_none_or(|t| t.elapsed() >= BUDGET_REFRESH);
-                    if stale {
-                        s.refreshing = true;
-                    }
-                    (Some(s.db + s.since_refresh), stale)
-                }
-                None => (None, true),
-            }
+    /// What `key` has spent: the database's figure (re-read when stale)
+    /// plus what this replica journaled and has not written there yet. A
+    /// row in both for a moment is counted twice — erring towards refusing,
+    /// never towards overspending.
+    pub async fn spent(&self, key: &str) -> f64 {
+        let cached = {
+            let spent = self.spent.lock().unwrap_or_else(|p| p.into_inner());
+            spent.get(key).map(|s| (s.db, s.refreshed.elapsed() < BUDGET_REFRESH))
         };
-        match known {
-            Some(v) => {
-                if stale {
-                    let me = self.clone();
-                    let key = key.to_owned();
-                    tokio::spawn(async move { me.refresh(&key).await });
+        let db = match cached {
+            Some((db, true)) => db,
+            stale => match tokio::time::timeout(BUDGET_READ_TIMEOUT, self.storage.spent(key)).await {
+                Ok(Ok(db)) => {
+                    let mut spent = self.spent.lock().unwrap_or_else(|p| p.into_inner());
+                    spent.insert(key.to_owned(), Spent { db, refreshed: Instant::now() });
+                    db
                 }
-                v
-            }
-            None => self.refresh(key).await,
-        }
+                Ok(Err(e)) => {
+                    tracing::warn!("reading spend for a budget: {e}");
+                    stale.map_or(0.0, |s| s.0)
+                }
+                Err(_) => stale.map_or(0.0, |s| s.0),
+            },
+        };
+        let unflushed = self.unflushed.lock().unwrap_or_else(|p| p.into_inner());
+        db + unflushed.get(key).copied().unwrap_or(0.0)
     }
 
-    async fn refresh(&self, key: &str) -> f64 {
-        let started = Instant::now();
-        let db = self.storage.spent(key).await;
-        let mut spent = self.spent.lock().unwrap_or_else(|p| p.into_inner());
-        let s = spent.entry(key.to_owned()).or_insert(Spent {
-            db: 0.0,
-            since_refresh: 0.0,
-            refreshed: None,
-            refreshing: false,
-        });
-        s.refreshing = false;
-        match db {
-            Ok(v) => {
-                s.db = v;
-                // What was recorded since is in the journal, perhaps not
-                // yet in the database: keep counting it (at worst twice,
-                // briefly — erring towards refusing, not overspending).
-                s.since_refresh = 0.0;
-                s.refreshed = Some(started);
+    /// Entries now in the database no longer count as unflushed.
+    fn flushed(&self, entries: &[Entry]) {
+        let mut unflushed = self.unflushed.lock().unwrap_or_else(|p| p.into_inner());
+        for e in entries.iter().filter(|e| e.row.cost_usd > 0.0) {
+            if let Some(v) = unflushed.get_mut(&e.row.key_name) {
+                *v = (*v - e.row.cost_usd).max(0.0);
             }
-            Err(e) => tracing::warn!("reading spend for a budget: {e}"),
         }
-        s.db + s.since_refresh
+        unflushed.retain(|_, v| *v > 1e-12);
     }
 
     /// Moves everything journaled into the database now (at shutdown).
@@ -261,6 +247,9 @@ async fn flush_once(ledger: &Ledger, offset: &mut u64) -> Result<(), String> {
         .collect();
     if !entries.is_empty() {
         ledger.storage.insert_entries(&entries).await.map_err(|e| e.to_string())?;
+        // (A replayed journal's entries were never counted as unflushed;
+        // subtracting them is floored at zero.)
+        ledger.flushed(&entries);
     }
     *offset = start + complete as u64;
     if *offset >= ROTATE_BYTES {
