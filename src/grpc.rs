@@ -179,19 +179,19 @@ impl ChatCore {
         }
     }
 
-    fn record(ledger: &Ledger, entry: Entry) {
-        if let Err(e) = ledger.record(&entry) {
+    async fn record(ledger: &Ledger, entry: Entry) {
+        if let Err(e) = ledger.record(&entry).await {
             // The answer is not withheld for want of a journal: the row is
             // logged whole so it can be recovered.
             tracing::error!(row = ?entry.row, "ledger journal write failed: {e}");
         }
     }
 
-    fn record_failure(&self, principal: &Principal, admitted: &Admitted, model: &str, tries: &Tries, e: &Error) {
+    async fn record_failure(&self, principal: &Principal, admitted: &Admitted, model: &str, tries: &Tries, e: &Error) {
         let mut row = Self::row(principal, admitted, model);
         row.attempts = tries.count();
         row.error_code = Some(e.code().to_owned());
-        Self::record(&self.ledger, Entry { row, attempts: tries.attempt_rows() });
+        Self::record(&self.ledger, Entry { row, attempts: tries.attempt_rows() }).await;
     }
 
     /// Charges the token limit with what the request really used.
@@ -211,7 +211,7 @@ impl ChatCore {
         let served = match served {
             Ok(s) => s,
             Err(e) => {
-                self.record_failure(&caller.principal, &admitted, &req.model, &tries, &e);
+                self.record_failure(&caller.principal, &admitted, &req.model, &tries, &e).await;
                 Self::reconcile(&self.limiter, &caller.principal, admitted.estimated_tokens, Some(&Usage::default())).await;
                 return Err(e);
             }
@@ -228,7 +228,7 @@ impl ChatCore {
         row.ttft_ms = Some(row.latency_ms);
         row.attempts = served.attempts;
         row.outcome = "success".into();
-        Self::record(&self.ledger, Entry { row, attempts: tries.attempt_rows() });
+        Self::record(&self.ledger, Entry { row, attempts: tries.attempt_rows() }).await;
         Self::reconcile(&self.limiter, &caller.principal, admitted.estimated_tokens, completion.usage.as_ref()).await;
         completion.id = admitted.id.clone();
         completion.created = unix_now();
@@ -249,7 +249,7 @@ impl ChatCore {
         let served = match self.router.stream(&admitted.model, req.clone(), admitted.opts.clone(), &mut tries).await {
             Ok(s) => s,
             Err(e) => {
-                self.record_failure(&caller.principal, &admitted, &req.model, &tries, &e);
+                self.record_failure(&caller.principal, &admitted, &req.model, &tries, &e).await;
                 Self::reconcile(&self.limiter, &caller.principal, admitted.estimated_tokens, Some(&Usage::default())).await;
                 return Err(e);
             }
@@ -409,7 +409,7 @@ impl Relay {
             u32::try_from(row.input_tokens).unwrap_or(u32::MAX),
             u32::try_from(row.output_tokens).unwrap_or(u32::MAX),
         );
-        ChatCore::record(&self.ledger, Entry { row, attempts: summary.attempt_rows });
+        ChatCore::record(&self.ledger, Entry { row, attempts: summary.attempt_rows }).await;
         ChatCore::reconcile(&self.limiter, &self.principal, self.estimated_tokens, Some(&used)).await;
         // Only now the error event (or, when `tx` drops, `[DONE]`): the row
         // is durable before the client's last byte.

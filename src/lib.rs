@@ -111,7 +111,13 @@ where
     let storage = Storage::connect(&config.storage.url).await?;
     let keys = Arc::new(Keys::from_config(&config.keys).with_storage(storage.clone()));
     let limiter = Arc::new(Limiter::new(&config.limits.backend)?);
-    let ledger = Ledger::open(&config.storage.journal_path(), storage.clone())?;
+    // With Redis for limits, the ledger shares it: rows outlive any replica.
+    let redis = config
+        .limits
+        .backend
+        .starts_with("redis")
+        .then(|| (config.limits.backend.as_str(), accounting::redis_stream::stream_key(&config.storage.url)));
+    let ledger = Ledger::open(&config.storage.journal_path(), storage.clone(), redis)?;
     let router = Arc::new(Router::new(&config, upstream_client()?, telemetry.clone()));
     let core = Arc::new(ChatCore::new(keys.clone(), router, limiter.clone(), ledger.clone(), config.server.request_timeout));
     let readiness = Arc::new(Readiness::default());

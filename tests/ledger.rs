@@ -246,9 +246,9 @@ async fn journaled_rows_reach_the_database_exactly_once_after_a_crash() {
         let (s, j) = (storage.clone(), journal.clone());
         std::thread::spawn(move || {
             rt.block_on(async {
-                let ledger = Ledger::open(&j, s).unwrap();
+                let ledger = Ledger::open(&j, s, None).unwrap();
                 for i in 0..5 {
-                    ledger.record(&entry(i)).unwrap();
+                    ledger.record(&entry(i)).await.unwrap();
                 }
             });
             // Dropping the runtime kills the writer mid-flight.
@@ -258,8 +258,8 @@ async fn journaled_rows_reach_the_database_exactly_once_after_a_crash() {
     }
     // The next start replays the journal; a second replay changes nothing.
     for _ in 0..2 {
-        let ledger = Ledger::open(&journal, storage.clone()).unwrap();
-        ledger.record(&entry(4)).unwrap();
+        let ledger = Ledger::open(&journal, storage.clone(), None).unwrap();
+        ledger.record(&entry(4)).await.unwrap();
         ledger.flush().await;
         drop(ledger);
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -328,4 +328,51 @@ async fn a_shutdown_under_load_loses_no_rows() {
     let storage = Storage::connect(&url).await.unwrap();
     let rows = storage.ledger_rows("ledger").await.unwrap();
     assert_eq!(rows.iter().filter(|r| r.outcome == "success").count(), served, "every answered request has its row once the server has stopped");
+}
+
+#[tokio::test]
+async fn rows_in_the_shared_stream_outlive_the_replica_that_wrote_them() {
+    use switchyard::accounting::redis_stream::{stream_key, RedisLedger};
+    let schema = PgSchema::new().await;
+    let storage = Storage::connect(&schema.url).await.unwrap();
+    let key = stream_key(&schema.url);
+    // A replica appended three rows and was killed before draining any.
+    let dead = RedisLedger::new("redis://127.0.0.1:6379", key.clone()).unwrap();
+    for i in 0..3 {
+        let mut row = LedgerRow {
+            request_id: format!("stream-req-{i}"),
+            client_request_id: None,
+            key_name: "ledger".into(),
+            model: "m".into(),
+            provider: None,
+            upstream_model: None,
+            input_tokens: 0,
+            output_tokens: 0,
+            cached_tokens: 0,
+            cost_usd: 0.25,
+            latency_ms: 0,
+            ttft_ms: None,
+            attempts: 1,
+            outcome: "success".into(),
+            error_code: None,
+            created_at: 1,
+        };
+        row.output_tokens = i;
+        dead.append(&Entry { row, attempts: vec![] }).await.unwrap();
+    }
+    drop(dead);
+    // Another replica of the same database drains them.
+    let _survivor = Ledger::open(std::path::Path::new(&journal_path()), storage.clone(), Some(("redis://127.0.0.1:6379", key))).unwrap();
+    let mut rows = vec![];
+    for _ in 0..100 {
+        rows = storage.ledger_rows("ledger").await.unwrap();
+        if rows.len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    assert_eq!(storage.spent("ledger").await.unwrap(), 0.75);
+    storage.close().await;
+    schema.drop_now().await;
 }

@@ -2,13 +2,15 @@
 //! attempt, priced by the routes' prices.
 //!
 //! A request's row is made durable before the client receives the
-//! response's last byte: it is appended to a local journal (one JSON line,
-//! one `write`: a process killed with SIGKILL loses nothing the kernel was
-//! handed). A background writer moves journal lines into the database in
-//! batches, inserting each row only if its request id is absent, and the
-//! journal is replayed from the start when the gateway starts — so every row
-//! reaches the database exactly once, and the database stays off the
-//! request path.
+//! response's last byte. With Redis configured it is added to a Redis
+//! stream that every replica drains into the database ([`redis_stream`]):
+//! durable beyond the replica. Otherwise (or while Redis is down) it is
+//! appended to a local journal (one JSON line, one `write`: a process killed
+//! with SIGKILL loses nothing the kernel was handed), which a background
+//! writer moves into the database in batches and which is replayed from the
+//! start when the gateway starts. Rows are inserted only if their request id
+//! is absent, so every row reaches the database exactly once, and the
+//! database stays off the request path.
 //!
 //! Budgets are enforced from the same figures: what the database holds for
 //! a key (re-read when older than a quarter second, for keys with a budget
@@ -26,6 +28,8 @@ use serde::{Deserialize, Serialize};
 use tokio::{sync::Notify, time::Instant};
 
 use crate::{config::Price, storage::Storage};
+
+pub mod redis_stream;
 
 /// A request, as the ledger records it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -102,6 +106,7 @@ pub struct Ledger {
     spent: Mutex<HashMap<String, Spent>>,
     /// Cost journaled here but not yet in the database, by key.
     unflushed: Mutex<HashMap<String, f64>>,
+    redis: Option<redis_stream::RedisLedger>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -113,8 +118,10 @@ pub struct LedgerError {
 
 impl Ledger {
     /// Opens (creating if needed) the journal at `path` and starts the
-    /// writer, which first replays whatever the journal still holds.
-    pub fn open(path: &Path, storage: Storage) -> Result<Arc<Ledger>, LedgerError> {
+    /// writer, which first replays whatever the journal still holds; with a
+    /// `redis` URL, entries go to the shared stream first, and this replica
+    /// helps drain it.
+    pub fn open(path: &Path, storage: Storage, redis: Option<(&str, String)>) -> Result<Arc<Ledger>, LedgerError> {
         let err = |source| LedgerError {
             path: path.display().to_string(),
             source,
@@ -130,21 +137,50 @@ impl Ledger {
                 "in use by another gateway process; give each replica its own storage.ledger_journal",
             ))
         })?;
+        let redis_url = redis.clone();
+        let redis = match redis {
+            Some((url, stream)) => Some(redis_stream::RedisLedger::new(url, stream).map_err(|e| err(std::io::Error::other(e.to_string())))?),
+            None => None,
+        };
         let ledger = Arc::new(Ledger {
             journal: Mutex::new(file),
             path: path.to_owned(),
-            storage,
+            storage: storage.clone(),
             wake: Notify::new(),
             spent: Mutex::default(),
             unflushed: Mutex::default(),
+            redis,
         });
         tokio::spawn(writer(Arc::downgrade(&ledger)));
+        if let Some((url, stream)) = redis_url {
+            let drainer = tokio::spawn(redis_stream::RedisLedger::drain(url.to_owned(), stream, storage));
+            // The drainer lives as long as the ledger.
+            let weak = Arc::downgrade(&ledger);
+            tokio::spawn(async move {
+                while weak.upgrade().is_some() {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                drainer.abort();
+            });
+        }
         Ok(ledger)
     }
 
-    /// Makes a request's entry durable. Returns once the line is in the
+    /// Makes a request's entry durable: in the shared Redis stream if there
+    /// is one and it answers, else in the local journal.
+    pub async fn record(&self, entry: &Entry) -> Result<(), std::io::Error> {
+        if let Some(r) = &self.redis {
+            match r.append(entry).await {
+                Ok(()) => return Ok(()),
+                Err(e) => tracing::warn!("ledger stream unavailable ({e}); journaling locally"),
+            }
+        }
+        self.journal(entry)
+    }
+
+    /// Appends to the local journal; returns once the line is in the
     /// kernel's hands.
-    pub fn record(&self, entry: &Entry) -> Result<(), std::io::Error> {
+    pub fn journal(&self, entry: &Entry) -> Result<(), std::io::Error> {
         let mut line = serde_json::to_vec(entry).map_err(std::io::Error::other)?;
         line.push(b'\n');
         {
