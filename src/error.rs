@@ -368,7 +368,8 @@ impl Attempts {
         self.failures.push(e);
     }
 
-    fn summary(&self) -> String {
+    /// `attempt 1: <provider> (<class>): <detail>; attempt 2: ...`
+    pub fn summary(&self) -> String {
         self.failures
             .iter()
             .enumerate()

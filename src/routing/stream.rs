@@ -308,7 +308,7 @@ impl RoutedStream {
         }
         if let Some(why) = self.continuation_refused() {
             return Err(Error::ProviderUnavailable {
-                message: format!("the stream broke after content was sent and cannot be continued ({why}): {}", summary(&self.tries)),
+                message: format!("the stream broke after content was sent and cannot be continued ({why}): {}", self.tries.failed.summary()),
                 attempts: self.tries.count(),
             });
         }
@@ -386,22 +386,6 @@ impl RoutedStream {
             }
         }
     }
-
-    /// As a `Stream`, for relaying.
-    pub fn into_stream(self) -> impl futures_util::Stream<Item = Result<ChatChunk, Error>> + Send {
-        futures_util::stream::unfold(self, |mut s| async move { s.next().await.map(|item| (item, s)) })
-    }
-}
-
-fn summary(tries: &Tries) -> String {
-    tries
-        .failed
-        .failures
-        .iter()
-        .enumerate()
-        .map(|(i, e)| format!("attempt {}: {e}", i + 1))
-        .collect::<Vec<_>>()
-        .join("; ")
 }
 
 /// Removes what a continuing provider repeats of a stream's start.
