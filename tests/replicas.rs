@@ -110,6 +110,30 @@ async fn two_processes_enforce_one_limit_and_one_budget() {
     }
     assert_eq!(refused_by.len(), 2, "both processes refuse the spent budget");
     assert!((4..=5).contains(&served), "one budget across two processes: {served} answers where four fit (the fourth starts under the budget)");
+
+    // A key minted and revoked through the CLI: refused by both within seconds.
+    let dir = std::env::temp_dir().join(unique("replica-cli"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("switchyard.toml");
+    std::fs::write(&cfg, config(())).unwrap();
+    let cli = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_switchyard")).args(args).arg("--config").arg(&cfg).output().unwrap();
+    let name = unique("minted");
+    let out = cli(&["keys", "create", "--name", &name]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let minted = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    for r in [&a, &b] {
+        assert_eq!(post(&r.addr, &minted).await.unwrap().status(), 200);
+    }
+    assert!(cli(&["keys", "revoke", &name]).status.success());
+    let started = std::time::Instant::now();
+    loop {
+        let (sa, sb) = (post(&a.addr, &minted).await.unwrap().status(), post(&b.addr, &minted).await.unwrap().status());
+        if sa == 401 && sb == 401 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "a revoked key is refused by every process within seconds");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     drop((a, b));
     schema.drop_now().await;
 }

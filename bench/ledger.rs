@@ -1,0 +1,78 @@
+//! What accounting costs on the request path: the time `Ledger::record`
+//! holds a request before its last byte, for the local journal (the
+//! embedded default) and the Redis stream (replicas). Run with
+//! `cargo bench --bench ledger` (needs the Redis on 127.0.0.1:6379 for the
+//! second figure). The rows are written to a throwaway SQLite database.
+
+#![allow(clippy::expect_used)] // a benchmark: failing loudly is the point
+
+use std::time::{Duration, Instant};
+
+use switchyard::{
+    accounting::{redis_stream::stream_key, Entry, Ledger, LedgerRow},
+    storage::Storage,
+};
+
+fn entry(i: usize) -> Entry {
+    Entry {
+        row: LedgerRow {
+            request_id: format!("bench-{i}-{}", rand::random::<u64>()),
+            client_request_id: Some("client-id".into()),
+            key_name: "bench".into(),
+            model: "gpt-4o-mini".into(),
+            provider: Some("openai-east".into()),
+            upstream_model: Some("gpt-4o-mini-2024-07-18".into()),
+            input_tokens: 812,
+            output_tokens: 256,
+            cached_tokens: 0,
+            cost_usd: 0.000_275,
+            latency_ms: 912,
+            ttft_ms: Some(180),
+            attempts: 1,
+            outcome: "success".into(),
+            error_code: None,
+            created_at: 1_700_000_000,
+        },
+        attempts: vec![],
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+}
+
+async fn measure(label: &str, ledger: &Ledger, n: usize) {
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..n {
+        let e = entry(i);
+        let t = Instant::now();
+        ledger.record(&e).await.expect("record");
+        samples.push(t.elapsed());
+    }
+    samples.sort();
+    println!(
+        "| {label} | {n} | {:.1} | {:.1} | {:.1} |",
+        percentile(&samples, 0.5).as_secs_f64() * 1e6,
+        percentile(&samples, 0.99).as_secs_f64() * 1e6,
+        percentile(&samples, 0.999).as_secs_f64() * 1e6,
+    );
+}
+
+#[tokio::main]
+async fn main() {
+    let dir = std::env::temp_dir().join(format!("switchyard-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let url = format!("sqlite://{}/bench.db", dir.display());
+    let storage = Storage::connect(&url).await.expect("storage");
+    println!("| ledger path | records | p50 µs | p99 µs | p99.9 µs |");
+    println!("|---|---|---|---|---|");
+    let journal = Ledger::open(&dir.join("a.jsonl"), storage.clone(), None).expect("ledger");
+    measure("local journal (one write)", &journal, 20_000).await;
+    drop(journal);
+    let redis = "redis://127.0.0.1:6379";
+    let shared = Ledger::open(&dir.join("b.jsonl"), storage.clone(), Some((redis, stream_key(&url)))).expect("ledger");
+    measure("Redis stream (one XADD)", &shared, 5_000).await;
+    drop(shared);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
