@@ -5,7 +5,7 @@
 use std::{env, path::PathBuf};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/switchyard/v1/chat.proto"];
+    let protos = ["proto/switchyard/v1/chat.proto", "proto/switchyard/v1/models.proto"];
     println!("cargo:rerun-if-changed=proto");
     let fds = protox::compile(protos, ["proto"])?;
     let out = PathBuf::from(env::var("OUT_DIR")?);

@@ -275,6 +275,44 @@ impl ChatCore {
     }
 }
 
+/// The `switchyard.v1.Models` service: the public models a key may use.
+pub struct ModelsCore {
+    keys: Arc<Keys>,
+    models: Vec<crate::proto::ModelInfo>,
+}
+
+impl ModelsCore {
+    pub fn new(keys: Arc<Keys>, config: &crate::config::Config) -> Self {
+        let created = unix_now();
+        let models = config
+            .models
+            .iter()
+            .map(|m| crate::proto::ModelInfo {
+                id: m.id.clone(),
+                created,
+                owned_by: "switchyard".into(),
+                modality: format!("{:?}", m.modality).to_lowercase(),
+            })
+            .collect();
+        ModelsCore { keys, models }
+    }
+}
+
+#[tonic::async_trait]
+impl crate::proto::models_server::Models for ModelsCore {
+    async fn list(&self, request: Request<crate::proto::ListModelsRequest>) -> Result<Response<crate::proto::ListModelsResponse>, Status> {
+        let principal = match request.extensions().get::<Arc<Principal>>() {
+            Some(p) => p.clone(),
+            None => {
+                let auth = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
+                self.keys.authenticate(auth).await.map_err(|e| e.to_status())?
+            }
+        };
+        let models = self.models.iter().filter(|m| principal.may_use(&m.id)).cloned().collect();
+        Ok(Response::new(crate::proto::ListModelsResponse { models }))
+    }
+}
+
 fn put_rate_headers(md: &mut tonic::metadata::MetadataMap, verdict: &Verdict) {
     for (k, v) in verdict.headers() {
         md.insert(k, MetadataValue::from(v));

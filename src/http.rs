@@ -36,7 +36,7 @@ use crate::{
     limits::Limiter,
     storage::Storage,
     error::{Error, META_ATTEMPTS},
-    grpc::{ChatCore, META_FAILOVER, META_PROVIDER},
+    grpc::{ChatCore, ModelsCore, META_FAILOVER, META_PROVIDER},
     proto::{chat_server::Chat, openai_json, ChatChunk},
     telemetry::RequestTrace,
 };
@@ -60,6 +60,7 @@ impl Readiness {
 #[derive(Clone)]
 pub struct HttpState {
     pub core: Arc<ChatCore>,
+    pub models: Arc<ModelsCore>,
     pub keys: Arc<Keys>,
     pub limiter: Arc<Limiter>,
     pub storage: Storage,
@@ -72,6 +73,7 @@ pub struct HttpState {
 pub fn router(state: HttpState) -> Router {
     let api = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(list_models))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .merge(api)
@@ -215,6 +217,25 @@ fn core_error(status: &tonic::Status) -> Response {
     let mut resp = Error::from_status(status).into_response();
     copy_served(status.metadata(), resp.headers_mut());
     resp
+}
+
+/// `GET /v1/models`: OpenAI's list shape.
+async fn list_models(State(state): State<HttpState>, Extension(principal): Extension<Arc<Principal>>) -> Response {
+    use crate::proto::models_server::Models;
+    let mut req = tonic::Request::new(crate::proto::ListModelsRequest {});
+    req.extensions_mut().insert(principal);
+    match state.models.list(req).await {
+        Ok(resp) => {
+            let data: Vec<serde_json::Value> = resp
+                .into_inner()
+                .models
+                .into_iter()
+                .map(|m| serde_json::json!({"id": m.id, "object": "model", "created": m.created, "owned_by": m.owned_by}))
+                .collect();
+            axum::Json(serde_json::json!({"object": "list", "data": data})).into_response()
+        }
+        Err(status) => core_error(&status),
+    }
 }
 
 async fn chat_completions(

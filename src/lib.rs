@@ -62,11 +62,11 @@ pub use error::Error;
 use crate::{
     accounting::Ledger,
     auth::Keys,
-    grpc::ChatCore,
+    grpc::{ChatCore, ModelsCore},
     http::{HttpState, Readiness},
     limits::Limiter,
     storage::Storage,
-    proto::chat_server::ChatServer,
+    proto::{chat_server::ChatServer, models_server::ModelsServer},
     routing::Router,
     telemetry::Telemetry,
 };
@@ -132,7 +132,9 @@ where
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
+    let models = Arc::new(ModelsCore::new(keys.clone(), &config));
     let grpc = tonic::service::Routes::new(ChatServer::from_arc(core.clone()))
+        .add_service(ModelsServer::from_arc(models.clone()))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -141,6 +143,7 @@ where
 
     let state = HttpState {
         core,
+        models,
         keys,
         limiter,
         storage: storage.clone(),

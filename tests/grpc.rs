@@ -136,6 +136,18 @@ async fn grpc_deadline_bounds_the_request() {
 }
 
 #[tokio::test]
+async fn models_are_listed_over_grpc() {
+    let h = start().await;
+    let mut c = switchyard::proto::models_client::ModelsClient::connect(format!("http://{}", h.addr)).await.unwrap();
+    let mut req = Request::new(switchyard::proto::ListModelsRequest {});
+    req.metadata_mut().insert("authorization", MetadataValue::try_from(format!("Bearer {CLAUDE_ONLY_KEY}")).unwrap());
+    let models = c.list(req).await.unwrap().into_inner().models;
+    assert_eq!(models.iter().map(|m| (m.id.as_str(), m.modality.as_str())).collect::<Vec<_>>(), vec![("claude-sonnet-4", "chat")]);
+    let st = c.list(Request::new(switchyard::proto::ListModelsRequest {})).await.unwrap_err();
+    assert_eq!(st.code(), Code::Unauthenticated);
+}
+
+#[tokio::test]
 async fn health_and_reflection_are_served() {
     let h = start().await;
     let channel = Channel::from_shared(format!("http://{}", h.addr)).unwrap().connect().await.unwrap();
@@ -155,4 +167,5 @@ async fn health_and_reflection_are_served() {
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
     assert!(names.contains(&"switchyard.v1.Chat".to_owned()), "{names:?}");
     assert!(names.contains(&"grpc.health.v1.Health".to_owned()), "{names:?}");
+    assert!(names.contains(&"switchyard.v1.Models".to_owned()), "{names:?}");
 }

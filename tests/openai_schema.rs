@@ -111,3 +111,16 @@ async fn requests_sent_upstream_validate_against_openais_request_schema() {
     let sent = h.upstream_requests("/p/oa-1/").pop().unwrap();
     assert_valid("CreateChatCompletionRequest", &sent.body);
 }
+
+#[tokio::test]
+async fn models_lists_what_the_key_may_use_in_openais_shape() {
+    let h = start().await;
+    let all: Value = h.http.get(h.url("/v1/models")).bearer_auth(KEY).send().await.unwrap().json().await.unwrap();
+    assert_valid("ListModelsResponse", &all);
+    let ids: Vec<&str> = all["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, vec!["gpt-4o-mini", "claude-sonnet-4", "mixed"]);
+    let some: Value = h.http.get(h.url("/v1/models")).bearer_auth(CLAUDE_ONLY_KEY).send().await.unwrap().json().await.unwrap();
+    assert_eq!(some["data"].as_array().unwrap().len(), 1, "only the key's own globs: {some}");
+    assert_eq!(h.http.get(h.url("/v1/models")).send().await.unwrap().status(), 401);
+    assert_eq!(h.http.post(h.url("/v1/models")).bearer_auth(KEY).send().await.unwrap().status(), 405);
+}
