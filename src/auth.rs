@@ -176,11 +176,6 @@ impl Keys {
         cache.insert(*d, Cached { principal: found.clone(), at: now });
         Ok(found)
     }
-
-    /// Is `name` a static key from the config?
-    pub fn is_static(&self, name: &str) -> bool {
-        self.by_digest.values().any(|p| p.name == name)
-    }
 }
 
 /// Glob match on public model ids: `*` any run, `?` one character.

@@ -99,6 +99,38 @@ async fn keys_minted_into_postgres_work_on_every_replica_until_revoked() {
 }
 
 #[tokio::test]
+async fn config_is_found_before_or_after_the_subcommand_and_by_env() {
+    let url = temp_db_url();
+    let text = single_provider_config("http://127.0.0.1:9", &url, "memory", "");
+    let dir = std::env::temp_dir().join(unique("switchyard-cfg"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("custom.toml");
+    std::fs::write(&path, &text).unwrap();
+    let run = |args: &[&str], env: Option<&std::path::Path>| {
+        let mut c = Command::new(BIN);
+        c.args(args).env_remove("SWITCHYARD_CONFIG").current_dir(&dir);
+        if let Some(p) = env {
+            c.env("SWITCHYARD_CONFIG", p);
+        }
+        c.output().unwrap()
+    };
+    let name = unique("placed");
+    let p = path.to_str().unwrap();
+    // --config before the subcommand; --models defaults to every model.
+    let out = run(&["--config", p, "keys", "create", "--name", &name], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // SWITCHYARD_CONFIG names the file when --config does not.
+    let out = run(&["keys", "list"], Some(&path));
+    let list = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(list.contains(&name), "{list}");
+    let line = list.lines().find(|l| l.contains(&name)).unwrap();
+    assert!(line.split_whitespace().nth(2) == Some("*"), "models default to *: {line}");
+    // --log-format is accepted before or after the subcommand too.
+    assert!(run(&["--log-format", "json", "--config", p, "check"], None).status.success());
+    assert!(run(&["check", "--config", p, "--log-format", "json"], None).status.success());
+}
+
+#[tokio::test]
 async fn bad_key_commands_exit_2() {
     let config_text = single_provider_config("http://127.0.0.1:9", &temp_db_url(), "memory", "[[keys]]\nname = \"static\"\nkey = \"ze_static_key_1234567\"\n");
     for args in [

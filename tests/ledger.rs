@@ -58,13 +58,9 @@ key = "{KEY}"
     )
 }
 
-fn journal_path() -> String {
-    temp_db_url().trim_start_matches("sqlite://").replace(".db", ".jsonl")
-}
-
 async fn harness(storage_url: &str, key_extra: &str) -> Harness {
     let (url, extra) = (storage_url.to_owned(), key_extra.to_owned());
-    start_with(move |sim| priced_config(sim, &url, &journal_path(), &extra)).await
+    start_with(move |sim| priced_config(sim, &url, &temp_journal(), &extra)).await
 }
 
 async fn rows(storage_url: &str, n: usize) -> Vec<LedgerRow> {
@@ -217,7 +213,7 @@ async fn a_spent_budget_is_402() {
 #[tokio::test]
 async fn journaled_rows_reach_the_database_exactly_once_after_a_crash() {
     let url = temp_db_url();
-    let journal = std::path::PathBuf::from(journal_path());
+    let journal = std::path::PathBuf::from(temp_journal());
     let storage = Storage::connect(&url).await.unwrap();
     let entry = |i: u32| Entry {
         row: LedgerRow {
@@ -273,7 +269,7 @@ async fn journaled_rows_reach_the_database_exactly_once_after_a_crash() {
 async fn usage_command_summarises_per_key_and_model() {
     let url = temp_db_url();
     let sim = simulator::spawn(TcpListener::bind("127.0.0.1:0").await.unwrap(), Arc::new(SimState::new(SEED, Faults::default()))).unwrap();
-    let text = priced_config(&sim.url(), &url, &journal_path(), "");
+    let text = priced_config(&sim.url(), &url, &temp_journal(), "");
     let mut h = start_gateway(sim, Config::parse(&text, "t").unwrap()).await;
     for _ in 0..3 {
         let _ = h.http.post(h.url("/v1/chat/completions")).bearer_auth(KEY).json(&json!({"model": "gpt-4o-mini", "messages": user("Hello")})).send().await.unwrap().text().await;
@@ -283,7 +279,7 @@ async fn usage_command_summarises_per_key_and_model() {
     let dir = std::env::temp_dir().join(unique("usage"));
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("switchyard.toml");
-    std::fs::write(&cfg, priced_config("http://127.0.0.1:9", &url, &journal_path(), "")).unwrap();
+    std::fs::write(&cfg, priced_config("http://127.0.0.1:9", &url, &temp_journal(), "")).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args(["usage", "--format", "json", "--since", "1h", "--config"])
         .arg(&cfg)
@@ -362,7 +358,7 @@ async fn rows_in_the_shared_stream_outlive_the_replica_that_wrote_them() {
     }
     drop(dead);
     // Another replica of the same database drains them.
-    let _survivor = Ledger::open(std::path::Path::new(&journal_path()), storage.clone(), Some(("redis://127.0.0.1:6379", key))).unwrap();
+    let _survivor = Ledger::open(std::path::Path::new(&temp_journal()), storage.clone(), Some(("redis://127.0.0.1:6379", key))).unwrap();
     let mut rows = vec![];
     for _ in 0..100 {
         rows = storage.ledger_rows("ledger").await.unwrap();

@@ -240,10 +240,6 @@ impl Ledger {
         let mut offset = 0;
         let _ = flush_once(self, &mut offset).await;
     }
-
-    pub fn journal_path(&self) -> &Path {
-        &self.path
-    }
 }
 
 /// Reads complete journal lines from `offset`, inserts them, and empties

@@ -112,6 +112,11 @@ pub fn temp_db_url() -> String {
     format!("sqlite://{}/db-{n}.db", dir.display())
 }
 
+/// A fresh ledger journal path in the temp dir (one per gateway).
+pub fn temp_journal() -> String {
+    temp_db_url().trim_start_matches("sqlite://").replace(".db", ".jsonl")
+}
+
 pub async fn start() -> Harness {
     start_with(|sim| config_toml(sim, "")).await
 }
@@ -264,7 +269,7 @@ pub fn unique(prefix: &str) -> String {
 /// One provider (`oa-1`) serving `gpt-4o-mini`, storage and limits as
 /// given, and `keys` (TOML `[[keys]]` tables) appended.
 pub fn single_provider_config(sim: &str, storage_url: &str, limits_backend: &str, keys: &str) -> String {
-    let journal = temp_db_url().trim_start_matches("sqlite://").replace(".db", ".jsonl");
+    let journal = temp_journal();
     format!(
         r#"
 [server]
