@@ -18,7 +18,10 @@ use crate::{
 };
 
 pub mod anthropic;
+pub mod deepgram;
+pub mod elevenlabs;
 pub mod openai;
+pub mod replicate;
 pub mod sse;
 
 /// The chunks of one upstream stream, already in proto form.
@@ -44,18 +47,205 @@ pub trait ChatAdapter: Send + Sync + 'static {
     async fn stream(&self, req: &ChatRequest, route: &RouteCall<'_>) -> Result<ChunkStream, UpstreamError>;
 }
 
-/// Builds the chat adapter for a provider, if its kind serves chat.
-pub fn chat_adapter(config: &ProviderConfig, http: reqwest::Client) -> Option<Arc<dyn ChatAdapter>> {
+/// An image or video generation, validated, as every adapter receives it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct GenerationSpec {
+    pub video: bool,
+    pub prompt: String,
+    #[serde(default)]
+    pub image_urls: Vec<String>,
+    /// `W:H`.
+    pub aspect_ratio: Option<String>,
+    /// `WxH`.
+    pub size: Option<String>,
+    /// Seconds (video).
+    pub duration: Option<f64>,
+    /// `720p` or `1080p` (video).
+    pub resolution: Option<String>,
+    pub seed: Option<i64>,
+    pub negative_prompt: Option<String>,
+    /// Images wanted (1 for video).
+    pub n: u32,
+}
+
+/// Where a generated medium is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MediaData {
+    /// The provider's URL, passed through to the client.
+    Url(String),
+    /// Bytes the provider returned inline; the gateway keeps and serves them.
+    Bytes(Bytes),
+}
+
+/// One generated image or video.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GeneratedMedia {
+    pub data: MediaData,
+    /// `true` for a video, `false` for an image.
+    pub video: bool,
+    pub content_type: String,
+    pub width: Option<u32>,
+    pub height: Option<u32>,
+    /// Seconds (video).
+    pub duration: Option<f64>,
+}
+
+/// Image and video generation: `openai` images, `replicate` predictions.
+#[async_trait::async_trait]
+pub trait GenerateAdapter: Send + Sync + 'static {
+    /// Runs one generation to its end on this provider (creating it and,
+    /// for an asynchronous API, polling it), or fails.
+    async fn generate(&self, spec: &GenerationSpec, route: &RouteCall<'_>) -> Result<Vec<GeneratedMedia>, UpstreamError>;
+}
+
+/// Audio formats a TTS request may ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AudioFormat {
+    Mp3,
+    Wav,
+    Opus,
+    Flac,
+    Aac,
+}
+
+impl AudioFormat {
+    pub const ALL: [AudioFormat; 5] = [AudioFormat::Mp3, AudioFormat::Wav, AudioFormat::Opus, AudioFormat::Flac, AudioFormat::Aac];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AudioFormat::Mp3 => "mp3",
+            AudioFormat::Wav => "wav",
+            AudioFormat::Opus => "opus",
+            AudioFormat::Flac => "flac",
+            AudioFormat::Aac => "aac",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<AudioFormat> {
+        AudioFormat::ALL.into_iter().find(|f| f.as_str() == s)
+    }
+
+    /// The response `Content-Type` (opus is Ogg Opus).
+    pub fn content_type(self) -> &'static str {
+        match self {
+            AudioFormat::Mp3 => "audio/mpeg",
+            AudioFormat::Wav => "audio/wav",
+            AudioFormat::Opus => "audio/opus",
+            AudioFormat::Flac => "audio/flac",
+            AudioFormat::Aac => "audio/aac",
+        }
+    }
+}
+
+/// A text-to-speech request, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpeechSpec {
+    pub text: String,
+    /// The request's voice, else the model's `default_voice`.
+    pub voice: String,
+    pub format: AudioFormat,
+    /// Hz.
+    pub sample_rate: u32,
+    pub speed: f64,
+}
+
+/// Raw bytes as they arrive from upstream.
+pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, UpstreamError>> + Send>>;
+
+/// Text to speech: `openai` `/audio/speech`, `elevenlabs` `/v1/text-to-speech`.
+#[async_trait::async_trait]
+pub trait TtsAdapter: Send + Sync + 'static {
+    /// Whether this provider can produce `format` at `sample_rate`; one
+    /// that cannot is skipped by the router.
+    fn supports(&self, format: AudioFormat, sample_rate: u32) -> bool;
+
+    /// Starts synthesis. Resolves once the upstream accepted the request;
+    /// the audio follows on the stream as the provider produces it.
+    async fn synthesize(&self, spec: &SpeechSpec, route: &RouteCall<'_>) -> Result<ByteStream, UpstreamError>;
+}
+
+/// An uploaded audio file to transcribe.
+#[derive(Debug, Clone)]
+pub struct AudioUpload {
+    pub bytes: Bytes,
+    pub filename: String,
+    pub content_type: String,
+    /// ISO-639-1 hint.
+    pub language: Option<String>,
+}
+
+/// One transcribed word; times in seconds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Word {
+    pub word: String,
+    pub start: f64,
+    pub end: f64,
+    pub confidence: Option<f64>,
+}
+
+/// A transcript in the gateway's shape (API.md, speech-to-text).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Transcript {
+    pub text: String,
+    /// Seconds of audio, as the provider reports it.
+    pub duration: Option<f64>,
+    /// ISO-639-1.
+    pub language: Option<String>,
+    pub confidence: Option<f64>,
+    pub words: Option<Vec<Word>>,
+}
+
+/// Speech to text: `openai` `/audio/transcriptions`, `deepgram` `/v1/listen`.
+#[async_trait::async_trait]
+pub trait SttAdapter: Send + Sync + 'static {
+    async fn transcribe(&self, audio: &AudioUpload, route: &RouteCall<'_>) -> Result<Transcript, UpstreamError>;
+}
+
+/// A provider's adapters, one per modality its kind serves.
+#[derive(Clone, Default)]
+pub struct Adapters {
+    pub chat: Option<Arc<dyn ChatAdapter>>,
+    pub generate: Option<Arc<dyn GenerateAdapter>>,
+    pub tts: Option<Arc<dyn TtsAdapter>>,
+    pub stt: Option<Arc<dyn SttAdapter>>,
+}
+
+/// Builds every adapter a provider's kind has.
+pub fn adapters(config: &ProviderConfig, http: reqwest::Client) -> Adapters {
     let upstream = Upstream {
         id: config.id.clone(),
         base_url: config.base_url.trim_end_matches('/').to_owned(),
         api_key: config.api_key.clone(),
         http,
+        timeout: config.timeout,
     };
     match config.kind {
-        ProviderKind::Openai => Some(Arc::new(openai::OpenAi::new(upstream))),
-        ProviderKind::Anthropic => Some(Arc::new(anthropic::Anthropic::new(upstream))),
-        _ => None,
+        ProviderKind::Openai => {
+            let a = Arc::new(openai::OpenAi::new(upstream));
+            Adapters {
+                chat: Some(a.clone()),
+                generate: Some(a.clone()),
+                tts: Some(a.clone()),
+                stt: Some(a),
+            }
+        }
+        ProviderKind::Anthropic => Adapters {
+            chat: Some(Arc::new(anthropic::Anthropic::new(upstream))),
+            ..Adapters::default()
+        },
+        ProviderKind::Replicate => Adapters {
+            generate: Some(Arc::new(replicate::Replicate::new(upstream))),
+            ..Adapters::default()
+        },
+        ProviderKind::Elevenlabs => Adapters {
+            tts: Some(Arc::new(elevenlabs::ElevenLabs::new(upstream))),
+            ..Adapters::default()
+        },
+        ProviderKind::Deepgram => Adapters {
+            stt: Some(Arc::new(deepgram::Deepgram::new(upstream))),
+            ..Adapters::default()
+        },
     }
 }
 
@@ -71,6 +261,9 @@ pub struct Upstream {
     pub base_url: String,
     pub api_key: Secret,
     pub http: reqwest::Client,
+    /// The provider's `timeout`: for asynchronous APIs (a generation
+    /// created, then polled), the bound on each upstream call.
+    pub timeout: Duration,
 }
 
 impl Upstream {

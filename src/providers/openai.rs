@@ -87,3 +87,28 @@ fn parse_event(id: &str, data: &str) -> Result<crate::proto::ChatChunk, Upstream
     openai_json::chunk_from_json(data.as_bytes())
         .map_err(|e| UpstreamError::new(id, UpstreamErrorKind::Malformed, format!("unparseable chunk: {e}")))
 }
+
+#[async_trait::async_trait]
+impl super::GenerateAdapter for OpenAi {
+    async fn generate(&self, _spec: &super::GenerationSpec, _route: &super::RouteCall<'_>) -> Result<Vec<super::GeneratedMedia>, crate::error::UpstreamError> {
+        Err(self.up.err(crate::error::UpstreamErrorKind::Unsupported, "not yet"))
+    }
+}
+
+#[async_trait::async_trait]
+impl super::TtsAdapter for OpenAi {
+    fn supports(&self, _format: super::AudioFormat, _sample_rate: u32) -> bool {
+        false
+    }
+
+    async fn synthesize(&self, _spec: &super::SpeechSpec, _route: &super::RouteCall<'_>) -> Result<super::ByteStream, crate::error::UpstreamError> {
+        Err(self.up.err(crate::error::UpstreamErrorKind::Unsupported, "not yet"))
+    }
+}
+
+#[async_trait::async_trait]
+impl super::SttAdapter for OpenAi {
+    async fn transcribe(&self, _audio: &super::AudioUpload, _route: &super::RouteCall<'_>) -> Result<super::Transcript, crate::error::UpstreamError> {
+        Err(self.up.err(crate::error::UpstreamErrorKind::Unsupported, "not yet"))
+    }
+}

@@ -39,7 +39,7 @@ use crate::{
     config::{Config, Continuation, Hedge, Price, ProviderKind},
     error::{Attempts, Error, UpstreamError, UpstreamErrorKind},
     proto::{ChatChunk, ChatCompletion, ChatRequest},
-    providers::{self, ChatAdapter, ChunkStream, RouteCall},
+    providers::{self, Adapters, ChatAdapter, ChunkStream, RouteCall},
     telemetry::{AttemptInfo, AttemptSpan, Telemetry},
 };
 
@@ -57,12 +57,24 @@ pub struct Route {
     pub provider: String,
     pub kind: ProviderKind,
     pub upstream_model: String,
-    pub adapter: Arc<dyn ChatAdapter>,
+    pub adapters: Adapters,
     pub timeout: Duration,
     pub idle_timeout: Duration,
     pub price: Price,
     pub continuation: Continuation,
     pub stats: Arc<RouteStats>,
+}
+
+impl Route {
+    /// This route's chat adapter (every route of a chat model has one:
+    /// `check` refuses a provider kind that cannot serve its model).
+    pub fn chat(&self) -> Result<Arc<dyn ChatAdapter>, UpstreamError> {
+        self.adapters.chat.clone().ok_or_else(|| self.unsupported("chat"))
+    }
+
+    pub fn unsupported(&self, what: &str) -> UpstreamError {
+        UpstreamError::new(&self.provider, UpstreamErrorKind::Unsupported, format!("provider kind {} does not serve {what}", self.kind.as_str()))
+    }
 }
 
 /// A public model and its routes.
@@ -204,11 +216,8 @@ type Launched<T> = Pin<Box<dyn Future<Output = (u32, Arc<Route>, Attempt, Attemp
 impl Router {
     pub fn new(config: &Config, http: reqwest::Client, telemetry: Arc<Telemetry>) -> Router {
         let now = Instant::now();
-        let adapters: HashMap<&str, (Arc<dyn ChatAdapter>, &crate::config::ProviderConfig)> = config
-            .providers
-            .iter()
-            .filter_map(|p| providers::chat_adapter(p, http.clone()).map(|a| (p.id.as_str(), (a, p))))
-            .collect();
+        let adapters: HashMap<&str, (Adapters, &crate::config::ProviderConfig)> =
+            config.providers.iter().map(|p| (p.id.as_str(), (providers::adapters(p, http.clone()), p))).collect();
         let models = config
             .models
             .iter()
@@ -222,7 +231,7 @@ impl Router {
                             provider: r.provider.clone(),
                             kind: p.kind,
                             upstream_model: r.upstream_model.clone(),
-                            adapter: adapter.clone(),
+                            adapters: adapter.clone(),
                             timeout: p.timeout,
                             idle_timeout: p.idle_timeout,
                             price: r.price.clone(),
@@ -265,8 +274,8 @@ impl Router {
         let won = self
             .run(model, &Plan::first(Kind::Sync), opts, tries, |route, call| {
                 let req = req.clone();
-                let adapter = route.adapter.clone();
-                Box::pin(async move { adapter.complete(&req, &call.as_ref()).await })
+                let adapter = route.chat();
+                Box::pin(async move { adapter?.complete(&req, &call.as_ref()).await })
             })
             .await?;
         let now = Instant::now();
@@ -485,7 +494,7 @@ fn timed_out(route: &Route) -> UpstreamError {
 
 /// Opens the upstream stream and reads until its first content chunk.
 async fn first_content(route: &Route, req: &ChatRequest, call: OwnedRouteCall) -> Result<Started, UpstreamError> {
-    let mut rest = route.adapter.stream(req, &call.as_ref()).await?;
+    let mut rest = route.chat()?.stream(req, &call.as_ref()).await?;
     let mut head = Vec::new();
     loop {
         match rest.next().await {
