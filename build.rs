@@ -5,7 +5,12 @@
 use std::{env, path::PathBuf};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/switchyard/v1/chat.proto", "proto/switchyard/v1/models.proto"];
+    let protos = [
+        "proto/switchyard/v1/chat.proto",
+        "proto/switchyard/v1/models.proto",
+        "proto/switchyard/v1/generations.proto",
+        "proto/switchyard/v1/speech.proto",
+    ];
     println!("cargo:rerun-if-changed=proto");
     let fds = protox::compile(protos, ["proto"])?;
     let out = PathBuf::from(env::var("OUT_DIR")?);
@@ -16,6 +21,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // `bytes` fields as `Bytes`: audio and media move without copies.
+        .bytes(".")
         .compile_fds(fds)?;
     Ok(())
 }

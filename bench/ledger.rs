@@ -32,6 +32,8 @@ fn entry(i: usize) -> Entry {
             outcome: "success".into(),
             error_code: None,
             created_at: 1_700_000_000,
+            unit: None,
+            units: 0.0,
         },
         attempts: vec![],
     }

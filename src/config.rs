@@ -124,14 +124,20 @@ impl Default for TelemetryConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GenerationsConfig {
+    /// A worker's claim on a job; a dead replica's jobs are retaken after it.
     #[serde(deserialize_with = "de::duration")]
     pub lease: Duration,
+    /// How long one job may run, failovers included, before it fails with
+    /// `timeout`.
+    #[serde(deserialize_with = "de::duration")]
+    pub timeout: Duration,
 }
 
 impl Default for GenerationsConfig {
     fn default() -> Self {
         GenerationsConfig {
             lease: Duration::from_secs(30),
+            timeout: Duration::from_secs(600),
         }
     }
 }
@@ -304,6 +310,18 @@ pub struct ModelConfig {
     pub routes: Vec<RouteConfig>,
 }
 
+impl Modality {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Modality::Chat => "chat",
+            Modality::Image => "image",
+            Modality::Video => "video",
+            Modality::Tts => "tts",
+            Modality::Stt => "stt",
+        }
+    }
+}
+
 fn default_modality() -> Modality {
     Modality::Chat
 }
@@ -404,6 +422,9 @@ impl Config {
         }
         if self.server.request_timeout.is_zero() {
             p("server.request_timeout: must be positive".into());
+        }
+        if self.generations.lease < Duration::from_millis(300) || self.generations.timeout.is_zero() {
+            p("generations.lease (at least 300ms) and generations.timeout: must be positive".into());
         }
         if self.routing.max_attempts == 0 {
             p("routing.max_attempts: must be at least 1".into());

@@ -46,6 +46,7 @@ pub mod auth;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod generations;
 pub mod grpc;
 pub mod http;
 pub mod limits;
@@ -62,11 +63,11 @@ pub use error::Error;
 use crate::{
     accounting::Ledger,
     auth::Keys,
-    grpc::{ChatCore, ModelsCore},
+    grpc::{generations::GenerationsCore, speech::SpeechCore, ChatCore, Gate, ModelsCore},
     http::{HttpState, Readiness},
     limits::Limiter,
     storage::Storage,
-    proto::{chat_server::ChatServer, models_server::ModelsServer},
+    proto::{chat_server::ChatServer, generations_server::GenerationsServer, models_server::ModelsServer, speech_server::SpeechServer},
     routing::Router,
     telemetry::Telemetry,
 };
@@ -119,8 +120,38 @@ where
         .then(|| (config.limits.backend.as_str(), accounting::redis_stream::stream_key(&config.storage.url)));
     let ledger = Ledger::open(&config.storage.journal_path(), storage.clone(), redis)?;
     let router = Arc::new(Router::new(&config, upstream_client()?, telemetry.clone()));
-    let core = Arc::new(ChatCore::new(keys.clone(), router, limiter.clone(), ledger.clone(), config.server.request_timeout));
+    let gate = Arc::new(Gate {
+        keys: keys.clone(),
+        router: router.clone(),
+        limiter: limiter.clone(),
+        ledger: ledger.clone(),
+        request_timeout: config.server.request_timeout,
+    });
+    let core = Arc::new(ChatCore::new(gate.clone()));
     let readiness = Arc::new(Readiness::default());
+    let (draining_tx, mut draining_rx) = tokio::sync::watch::channel(false);
+
+    // Generation jobs: this replica's worker, and the changes that wake it
+    // and the long-polls (from other replicas through PostgreSQL).
+    let changes = Arc::new(generations::Changes::default());
+    changes.listen(&storage, draining_rx.clone());
+    let jobs = Arc::new(generations::Jobs {
+        storage: storage.clone(),
+        changes: changes.clone(),
+        draining: draining_rx.clone(),
+    });
+    let worker = Arc::new(generations::worker::Worker {
+        storage: storage.clone(),
+        router,
+        ledger: ledger.clone(),
+        telemetry: telemetry.clone(),
+        changes,
+        config: config.generations.clone(),
+        owner: grpc::new_id("worker"),
+    });
+    let worker = tokio::spawn(worker.run(draining_rx.clone()));
+    let generations_core = Arc::new(GenerationsCore::new(gate.clone(), jobs));
+    let speech = Arc::new(SpeechCore::new(gate));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<ChatServer<ChatCore>>().await;
@@ -135,6 +166,9 @@ where
     let models = Arc::new(ModelsCore::new(keys.clone(), &config));
     let grpc = tonic::service::Routes::new(ChatServer::from_arc(core.clone()))
         .add_service(ModelsServer::from_arc(models.clone()))
+        .add_service(GenerationsServer::from_arc(generations_core.clone()))
+        // An upload of 25 MiB, and room for the rest of the message.
+        .add_service(SpeechServer::from_arc(speech.clone()).max_decoding_message_size(grpc::speech::MAX_AUDIO_BYTES + 64 * 1024))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -144,6 +178,8 @@ where
     let state = HttpState {
         core,
         models,
+        generations: generations_core,
+        speech,
         keys,
         limiter,
         storage: storage.clone(),
@@ -157,7 +193,6 @@ where
         .layer(middleware::from_fn(http::request_id));
 
     let grace = config.server.shutdown_grace;
-    let (draining_tx, mut draining_rx) = tokio::sync::watch::channel(false);
     let signal = async move {
         shutdown.await;
         tracing::info!(grace = ?grace, "shutting down: draining in-flight requests");
@@ -178,6 +213,9 @@ where
             tracing::warn!("shutdown grace elapsed; closing the connections still open");
         }
     }
+    // The worker has put the jobs it held back in the queue by now, or will
+    // within a moment; past that they are retaken when their leases end.
+    let _ = tokio::time::timeout(Duration::from_secs(5), worker).await;
     telemetry.shutdown(Duration::from_secs(5)).await;
     ledger.flush().await;
     storage.close().await;

@@ -181,6 +181,23 @@ impl Telemetry {
         })
     }
 
+    /// The span of work done later on behalf of a request (a generation
+    /// job), in that request's trace when its `traceparent` was kept.
+    pub fn job_span(&self, traceparent: Option<&str>, name: String, attributes: Vec<KeyValue>) -> Context {
+        let mut headers = http::HeaderMap::new();
+        if let Some(v) = traceparent.and_then(|t| http::HeaderValue::from_str(t).ok()) {
+            headers.insert("traceparent", v);
+        }
+        let parent = self.propagator.extract(&HeaderExtractor(&headers));
+        let span = self
+            .tracer
+            .span_builder(name)
+            .with_kind(SpanKind::Internal)
+            .with_attributes(attributes)
+            .start_with_context(&self.tracer, &parent);
+        parent.with_span(span)
+    }
+
     /// Starts a request's span, continuing the client's trace if it sent a
     /// `traceparent`.
     pub fn request_span(&self, headers: &http::HeaderMap, name: String, attributes: Vec<KeyValue>) -> Context {
@@ -198,10 +215,10 @@ impl Telemetry {
     pub fn attempt_span(&self, parent: &Context, a: AttemptInfo<'_>) -> AttemptSpan {
         let span = self
             .tracer
-            .span_builder(format!("chat {}", a.upstream_model))
+            .span_builder(format!("{} {}", a.operation, a.upstream_model))
             .with_kind(SpanKind::Client)
             .with_attributes(vec![
-                KeyValue::new("gen_ai.operation.name", "chat"),
+                KeyValue::new("gen_ai.operation.name", a.operation),
                 KeyValue::new("gen_ai.provider.name", a.provider_kind.to_owned()),
                 KeyValue::new("gen_ai.system", a.provider_kind.to_owned()),
                 KeyValue::new("gen_ai.request.model", a.upstream_model.to_owned()),
@@ -233,6 +250,8 @@ impl Telemetry {
 
 /// What an attempt span is labelled with.
 pub struct AttemptInfo<'a> {
+    /// `chat`, `generate_content`, `text_to_speech`, `speech_to_text`.
+    pub operation: &'static str,
     pub provider: &'a str,
     pub provider_kind: &'a str,
     pub public_model: &'a str,

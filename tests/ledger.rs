@@ -233,6 +233,8 @@ async fn journaled_rows_reach_the_database_exactly_once_after_a_crash() {
             outcome: "success".into(),
             error_code: None,
             created_at: 1,
+            unit: None,
+            units: 0.0,
         },
         attempts: vec![],
     };
@@ -352,6 +354,8 @@ async fn rows_in_the_shared_stream_outlive_the_replica_that_wrote_them() {
             outcome: "success".into(),
             error_code: None,
             created_at: 1,
+            unit: None,
+            units: 0.0,
         };
         row.output_tokens = i;
         dead.append(&Entry { row, attempts: vec![] }).await.unwrap();

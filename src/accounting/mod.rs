@@ -53,6 +53,13 @@ pub struct LedgerRow {
     pub outcome: String,
     pub error_code: Option<String>,
     pub created_at: i64,
+    /// What was metered besides tokens: `images`, `video_seconds`,
+    /// `characters` or `audio_seconds` (none for chat).
+    #[serde(default)]
+    pub unit: Option<String>,
+    /// How many of `unit`.
+    #[serde(default)]
+    pub units: f64,
 }
 
 /// One provider attempt, with what that provider will bill for it.

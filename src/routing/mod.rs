@@ -36,7 +36,7 @@ use opentelemetry::Context;
 use tokio::time::{sleep_until, timeout_at, Instant};
 
 use crate::{
-    config::{Config, Continuation, Hedge, Price, ProviderKind},
+    config::{Config, Continuation, Hedge, Modality, Price, ProviderKind},
     error::{Attempts, Error, UpstreamError, UpstreamErrorKind},
     proto::{ChatChunk, ChatCompletion, ChatRequest},
     providers::{self, Adapters, ChatAdapter, ChunkStream, RouteCall},
@@ -47,6 +47,7 @@ pub mod balance;
 pub mod breaker;
 pub mod budget;
 pub mod ewma;
+pub mod media;
 pub mod score;
 pub mod stream;
 
@@ -80,6 +81,9 @@ impl Route {
 /// A public model and its routes.
 pub struct Model {
     pub id: String,
+    pub modality: Modality,
+    /// TTS: the voice used when a request names none.
+    pub default_voice: Option<String>,
     pub max_output_tokens: u32,
     pub routes: Vec<Arc<Route>>,
     budget: std::sync::Mutex<budget::RetryBudget>,
@@ -182,12 +186,15 @@ impl Tries {
 }
 
 /// What the attempt loop is after.
-pub(crate) struct Plan<'a> {
+pub struct Plan<'a> {
     pub kind: Kind,
     /// How the first attempt is labelled in its span (`first`, `continuation`).
     pub first: &'static str,
     /// Which routes may be tried at all.
     pub eligible: &'a (dyn Fn(&Route) -> bool + Sync),
+    /// How long one attempt may take to produce what is asked of it; the
+    /// route's `timeout` unless set (a generation runs to its end).
+    pub attempt_timeout: Option<Duration>,
 }
 
 impl Plan<'static> {
@@ -196,12 +203,13 @@ impl Plan<'static> {
             kind,
             first: "first",
             eligible: &|_| true,
+            attempt_timeout: None,
         }
     }
 }
 
 /// An attempt that produced what was asked of it.
-pub(crate) struct Won<T> {
+pub struct Won<T> {
     pub value: T,
     pub route: Arc<Route>,
     pub attempt: Attempt,
@@ -247,6 +255,8 @@ impl Router {
                     .collect();
                 let model = Model {
                     id: m.id.clone(),
+                    modality: m.modality,
+                    default_voice: m.default_voice.clone(),
                     max_output_tokens: m.max_output_tokens,
                     routes,
                     // Retries may add 20% to the model's recent traffic, and
@@ -429,6 +439,12 @@ impl Router {
         let span = self.telemetry.attempt_span(
             &opts.trace,
             AttemptInfo {
+                operation: match model.modality {
+                    Modality::Chat => "chat",
+                    Modality::Image | Modality::Video => "generate_content",
+                    Modality::Tts => "text_to_speech",
+                    Modality::Stt => "speech_to_text",
+                },
                 provider: &route.provider,
                 provider_kind: route.kind.as_str(),
                 public_model: &model.id,
@@ -443,7 +459,7 @@ impl Router {
             traceparent: span.traceparent(),
         };
         let fut = launch(&route, call);
-        let attempt_deadline = opts.deadline.min(now + route.timeout);
+        let attempt_deadline = opts.deadline.min(now + plan.attempt_timeout.unwrap_or(route.timeout));
         Some(Box::pin(async move {
             let result = match timeout_at(attempt_deadline, fut).await {
                 Ok(r) => r,

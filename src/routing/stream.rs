@@ -321,6 +321,7 @@ impl RoutedStream {
             kind: Kind::Stream,
             first: "continuation",
             eligible: &eligible,
+            attempt_timeout: None,
         };
         let won = router
             .run(&model, &plan, &self.opts, &mut self.tries, |route, call| {

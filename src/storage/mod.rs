@@ -180,8 +180,8 @@ impl Storage {
     /// Inserts ledger entries, each only if its request id is absent.
     pub async fn insert_entries(&self, entries: &[crate::accounting::Entry]) -> Result<(), StorageError> {
         const ROW: &str = "INSERT INTO ledger (request_id, client_request_id, key_name, model, provider, upstream_model, \
-            input_tokens, output_tokens, cached_tokens, cost_usd, latency_ms, ttft_ms, attempts, outcome, error_code, created_at) \
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) ON CONFLICT (request_id) DO NOTHING";
+            input_tokens, output_tokens, cached_tokens, cost_usd, latency_ms, ttft_ms, attempts, outcome, error_code, created_at, unit, units) \
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) ON CONFLICT (request_id) DO NOTHING";
         const ATTEMPT: &str = "INSERT INTO ledger_attempts (request_id, attempt, provider, upstream_model, outcome, input_tokens, \
             output_tokens, provider_cost_usd) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (request_id, attempt) DO NOTHING";
         let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
@@ -206,6 +206,8 @@ impl Storage {
                     .bind(&r.outcome)
                     .bind(&r.error_code)
                     .bind(r.created_at)
+                    .bind(&r.unit)
+                    .bind(r.units)
                     .execute(&mut *tx)
                     .await?;
                 for a in &e.attempts {
@@ -230,33 +232,39 @@ impl Storage {
     /// The ledger's rows for a key, oldest first (for operators' tools and
     /// tests; the gateway itself only appends).
     pub async fn ledger_rows(&self, key_name: &str) -> Result<Vec<crate::accounting::LedgerRow>, StorageError> {
-        type Row = (String, Option<String>, String, String, Option<String>, Option<String>, i64, i64, i64, f64, i64, Option<i64>, i64, String, Option<String>, i64);
+        use sqlx::Row as _;
         let sql = "SELECT request_id, client_request_id, key_name, model, provider, upstream_model, input_tokens, output_tokens, \
-                   cached_tokens, cost_usd, latency_ms, ttft_ms, attempts, outcome, error_code, created_at FROM ledger \
+                   cached_tokens, cost_usd, latency_ms, ttft_ms, attempts, outcome, error_code, created_at, unit, units FROM ledger \
                    WHERE key_name = $1 ORDER BY created_at, request_id";
-        let rows: Vec<Row> = on_pool!(self, pool => sqlx::query_as(sql).bind(key_name).fetch_all(pool).await)?;
         let u = |v: i64| u64::try_from(v).unwrap_or(0);
-        Ok(rows
-            .into_iter()
-            .map(|r| crate::accounting::LedgerRow {
-                request_id: r.0,
-                client_request_id: r.1,
-                key_name: r.2,
-                model: r.3,
-                provider: r.4,
-                upstream_model: r.5,
-                input_tokens: u(r.6),
-                output_tokens: u(r.7),
-                cached_tokens: u(r.8),
-                cost_usd: r.9,
-                latency_ms: u(r.10),
-                ttft_ms: r.11.map(u),
-                attempts: u32::try_from(r.12).unwrap_or(0),
-                outcome: r.13,
-                error_code: r.14,
-                created_at: r.15,
-            })
-            .collect())
+        on_pool!(self, pool => {
+            let rows = sqlx::query(sql).bind(key_name).fetch_all(pool).await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(crate::accounting::LedgerRow {
+                        request_id: r.try_get(0)?,
+                        client_request_id: r.try_get(1)?,
+                        key_name: r.try_get(2)?,
+                        model: r.try_get(3)?,
+                        provider: r.try_get(4)?,
+                        upstream_model: r.try_get(5)?,
+                        input_tokens: u(r.try_get(6)?),
+                        output_tokens: u(r.try_get(7)?),
+                        cached_tokens: u(r.try_get(8)?),
+                        cost_usd: r.try_get(9)?,
+                        latency_ms: u(r.try_get(10)?),
+                        ttft_ms: r.try_get::<Option<i64>, _>(11)?.map(u),
+                        attempts: u32::try_from(r.try_get::<i64, _>(12)?).unwrap_or(0),
+                        outcome: r.try_get(13)?,
+                        error_code: r.try_get(14)?,
+                        created_at: r.try_get(15)?,
+                        unit: r.try_get(16)?,
+                        units: r.try_get(17)?,
+                    })
+                })
+                .collect::<Result<Vec<_>, sqlx::Error>>()
+                .map_err(StorageError::from)
+        })
     }
 
     /// A request's attempt rows, in order.
@@ -315,3 +323,6 @@ impl Storage {
         on_pool!(self, pool => pool.close().await);
     }
 }
+
+mod generations;
+pub use generations::{unix_ms, Claimed, Finished, GenerationRow, NewGeneration, NOTIFY_CHANNEL};

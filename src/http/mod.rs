@@ -31,6 +31,8 @@ use futures_util::StreamExt;
 use http_body_util::BodyExt;
 use tonic::metadata::MetadataValue;
 
+mod media;
+
 use crate::{
     auth::{Keys, Principal},
     limits::Limiter,
@@ -61,6 +63,8 @@ impl Readiness {
 pub struct HttpState {
     pub core: Arc<ChatCore>,
     pub models: Arc<ModelsCore>,
+    pub generations: Arc<crate::grpc::generations::GenerationsCore>,
+    pub speech: Arc<crate::grpc::speech::SpeechCore>,
     pub keys: Arc<Keys>,
     pub limiter: Arc<Limiter>,
     pub storage: Storage,
@@ -74,6 +78,16 @@ pub fn router(state: HttpState) -> Router {
     let api = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(list_models))
+        .route("/v1/generations", post(media::create_generation))
+        .route("/v1/generations/{id}", get(media::get_generation))
+        .route("/v1/generations/{id}/media/{n}", get(media::get_media))
+        .route("/v1/tts/synthesize", post(media::synthesize))
+        .route(
+            "/v1/stt/transcribe",
+            // The upload limit is enforced while reading (media::transcribe);
+            // this only lifts axum's default below it.
+            post(media::transcribe).layer(axum::extract::DefaultBodyLimit::max(media::MAX_UPLOAD_BODY)),
+        )
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .merge(api)
@@ -143,7 +157,7 @@ async fn authenticate(State(state): State<HttpState>, mut req: Request, next: Ne
 }
 
 /// Reads a body up to the limit, refusing early on a declared length.
-async fn read_body(headers: &HeaderMap, body: Body, limit: u64) -> Result<Bytes, Error> {
+pub(crate) async fn read_body(headers: &HeaderMap, body: Body, limit: u64) -> Result<Bytes, Error> {
     let declared = headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -161,7 +175,7 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: u64) -> Result<Bytes,
 
 /// Builds the core request: the principal, and the client's routing wishes
 /// as metadata.
-fn core_request<T>(message: T, principal: Arc<Principal>, trace: Option<RequestTrace>, headers: &HeaderMap) -> Result<tonic::Request<T>, Error> {
+pub(crate) fn core_request<T>(message: T, principal: Arc<Principal>, trace: Option<RequestTrace>, headers: &HeaderMap) -> Result<tonic::Request<T>, Error> {
     let mut req = tonic::Request::new(message);
     req.extensions_mut().insert(principal);
     if let Some(t) = trace {
@@ -204,7 +218,7 @@ const FORWARDED_METADATA: [&str; 9] = [
 
 /// Copies what the core reported (who served, attempts, rate limits) into
 /// HTTP headers.
-fn copy_served(md: &tonic::metadata::MetadataMap, headers: &mut HeaderMap) {
+pub(crate) fn copy_served(md: &tonic::metadata::MetadataMap, headers: &mut HeaderMap) {
     for key in FORWARDED_METADATA {
         if let Some(v) = md.get(key).and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok()) {
             headers.insert(key, v);
@@ -213,7 +227,7 @@ fn copy_served(md: &tonic::metadata::MetadataMap, headers: &mut HeaderMap) {
 }
 
 /// The core's error as the HTTP envelope, with its headers.
-fn core_error(status: &tonic::Status) -> Response {
+pub(crate) fn core_error(status: &tonic::Status) -> Response {
     let mut resp = Error::from_status(status).into_response();
     copy_served(status.metadata(), resp.headers_mut());
     resp

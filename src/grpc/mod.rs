@@ -20,6 +20,7 @@ use tonic::{metadata::MetadataValue, Request, Response, Status};
 
 use crate::{
     accounting::{chat_cost, Entry, Ledger, LedgerRow},
+    config::Modality,
     auth::{Keys, Principal},
     error::Error,
     limits::{Limiter, Verdict},
@@ -35,44 +36,59 @@ use crate::{
 pub const META_FAILOVER: &str = "x-switchyard-failover";
 pub const META_PROVIDER: &str = "x-switchyard-provider";
 
+pub mod generations;
+pub mod speech;
+
+/// What every service shares: who may ask, admission in API.md's order,
+/// the rate-limit figures on every answer, and the ledger.
+pub struct Gate {
+    pub keys: Arc<Keys>,
+    pub router: Arc<Router>,
+    pub limiter: Arc<Limiter>,
+    pub ledger: Arc<Ledger>,
+    pub request_timeout: Duration,
+}
+
 pub struct ChatCore {
-    keys: Arc<Keys>,
-    router: Arc<Router>,
-    limiter: Arc<Limiter>,
-    ledger: Arc<Ledger>,
-    request_timeout: Duration,
+    gate: Arc<Gate>,
+}
+
+/// What a request asks admission for.
+pub(crate) struct Ask<'a> {
+    pub model: &'a str,
+    /// The modalities this service serves.
+    pub modalities: &'a [Modality],
+    /// The name of the model field in this service's requests.
+    pub model_param: &'static str,
+    /// Input tokens to charge the token limit with up front.
+    pub estimated_tokens: u64,
+    /// The request id's prefix (`chatcmpl`, `gen`, ...).
+    pub id_prefix: &'static str,
+    /// The request's checks that depend on its model (fields one modality
+    /// takes and another does not, a format no route can produce, ...).
+    pub check: &'a (dyn Fn(&Model) -> Result<(), Error> + Sync),
 }
 
 /// What admission decided about a request.
-struct Admitted {
-    model: Arc<Model>,
-    opts: CallOpts,
+pub(crate) struct Admitted {
+    pub model: Arc<Model>,
+    pub opts: CallOpts,
     /// Input tokens charged to the token limit at admission.
-    estimated_tokens: u64,
+    pub estimated_tokens: u64,
     /// The request's id: the completion's `id` and the ledger's key.
-    id: String,
-    client_request_id: Option<String>,
-    started: Instant,
+    pub id: String,
+    pub client_request_id: Option<String>,
+    pub started: Instant,
 }
 
 /// Who is asking, and the rate-limit figures their response will carry.
-struct Caller {
-    principal: Arc<Principal>,
+pub(crate) struct Caller {
+    pub principal: Arc<Principal>,
     verdict: Option<Verdict>,
 }
 
-impl ChatCore {
-    pub fn new(keys: Arc<Keys>, router: Arc<Router>, limiter: Arc<Limiter>, ledger: Arc<Ledger>, request_timeout: Duration) -> Self {
-        ChatCore {
-            keys,
-            router,
-            limiter,
-            ledger,
-            request_timeout,
-        }
-    }
-
-    async fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
+impl Gate {
+    pub(crate) async fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
         // The HTTP façade has already authenticated (before reading the
         // body, as the check order requires) and hands the principal over.
         let principal = match request.extensions().get::<Arc<Principal>>() {
@@ -87,7 +103,7 @@ impl ChatCore {
 
     /// Puts the caller's rate-limit figures on a response or error: those of
     /// its own check, or (refused before that step) the current ones.
-    async fn finish<T>(&self, caller: Caller, out: Result<Response<T>, Error>) -> Result<Response<T>, Status> {
+    pub(crate) async fn finish<T>(&self, caller: Caller, out: Result<Response<T>, Error>) -> Result<Response<T>, Status> {
         let verdict = match caller.verdict {
             Some(v) => v,
             None => self.limiter.peek(&caller.principal.name, &caller.principal.limits).await,
@@ -105,18 +121,25 @@ impl ChatCore {
         }
     }
 
-    /// Validation → model → permission → rate limit, in API.md's order (the
-    /// key was checked by [`ChatCore::caller`]).
-    async fn admit(&self, caller: &mut Caller, request: &Request<ChatRequest>) -> Result<Admitted, Error> {
+    /// Model → modality → permission → budget → rate limit, in API.md's
+    /// order (the key was checked by [`Gate::caller`], the request's own
+    /// fields by the service before this).
+    pub(crate) async fn admit<T>(&self, caller: &mut Caller, request: &Request<T>, ask: Ask<'_>) -> Result<Admitted, Error> {
         let principal = caller.principal.clone();
-        let req = request.get_ref();
-        validate(req)?;
         let model = self
             .router
-            .model(&req.model)
-            .ok_or_else(|| Error::not_found(format!("model {:?} does not exist", req.model), Some("model")))?;
-        if !principal.may_use(&req.model) {
-            return Err(Error::PermissionDenied(format!("this key may not use model {:?}", req.model)));
+            .model(ask.model)
+            .ok_or_else(|| Error::not_found(format!("model {:?} does not exist", ask.model), Some(ask.model_param)))?;
+        if !ask.modalities.contains(&model.modality) {
+            let serves: Vec<&str> = ask.modalities.iter().map(|m| m.as_str()).collect();
+            return Err(Error::invalid_param(
+                format!("model {:?} is a {} model; this endpoint serves {} models", ask.model, model.modality.as_str(), serves.join(" and ")),
+                ask.model_param,
+            ));
+        }
+        (ask.check)(&model)?;
+        if !principal.may_use(ask.model) {
+            return Err(Error::PermissionDenied(format!("this key may not use model {:?}", ask.model)));
         }
         if let Some(budget) = principal.budget_usd {
             let spent = self.ledger.spent(&principal.name).await;
@@ -134,7 +157,7 @@ impl ChatCore {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.eq_ignore_ascii_case("off"));
         let trace = request.extensions().get::<RequestTrace>().map(|t| t.0.clone()).unwrap_or_default();
-        let estimated_tokens: u64 = req.messages.iter().flat_map(openai_json::message_text).map(|t| u64::from(estimate_tokens(t))).sum();
+        let estimated_tokens = ask.estimated_tokens;
         let verdict = self.limiter.check(&principal.name, &principal.limits, estimated_tokens).await;
         caller.verdict = Some(verdict);
         if !verdict.allowed {
@@ -151,14 +174,14 @@ impl ChatCore {
                 trace,
             },
             estimated_tokens,
-            id: new_completion_id(),
+            id: new_id(ask.id_prefix),
             client_request_id,
             started: Instant::now(),
         })
     }
 
     /// The ledger row of a request that reached routing.
-    fn row(principal: &Principal, admitted: &Admitted, model: &str) -> LedgerRow {
+    pub(crate) fn row(principal: &Principal, admitted: &Admitted, model: &str) -> LedgerRow {
         LedgerRow {
             request_id: admitted.id.clone(),
             client_request_id: admitted.client_request_id.clone(),
@@ -176,10 +199,12 @@ impl ChatCore {
             outcome: "error".into(),
             error_code: None,
             created_at: unix_now(),
+            unit: None,
+            units: 0.0,
         }
     }
 
-    async fn record(ledger: &Ledger, entry: Entry) {
+    pub(crate) async fn record(ledger: &Ledger, entry: Entry) {
         if let Err(e) = ledger.record(&entry).await {
             // The answer is not withheld for want of a journal: the row is
             // logged whole so it can be recovered.
@@ -187,7 +212,7 @@ impl ChatCore {
         }
     }
 
-    async fn record_failure(&self, principal: &Principal, admitted: &Admitted, model: &str, tries: &Tries, e: &Error) {
+    pub(crate) async fn record_failure(&self, principal: &Principal, admitted: &Admitted, model: &str, tries: &Tries, e: &Error) {
         let mut row = Self::row(principal, admitted, model);
         row.attempts = tries.count();
         row.error_code = Some(e.code().to_owned());
@@ -195,7 +220,7 @@ impl ChatCore {
     }
 
     /// Charges the token limit with what the request really used.
-    async fn reconcile(limiter: &Limiter, principal: &Principal, estimated: u64, usage: Option<&Usage>) {
+    pub(crate) async fn reconcile(limiter: &Limiter, principal: &Principal, estimated: u64, usage: Option<&Usage>) {
         if principal.limits.tokens.is_none() {
             return;
         }
@@ -203,22 +228,46 @@ impl ChatCore {
         limiter.reconcile(&principal.name, &principal.limits, used as i64 - estimated as i64).await;
     }
 
+}
+
+impl ChatCore {
+    pub fn new(gate: Arc<Gate>) -> Self {
+        ChatCore { gate }
+    }
+
+    /// The request's own checks, then the gate's.
+    async fn admit(&self, caller: &mut Caller, request: &Request<ChatRequest>) -> Result<Admitted, Error> {
+        let req = request.get_ref();
+        validate(req)?;
+        let estimated_tokens: u64 = req.messages.iter().flat_map(openai_json::message_text).map(|t| u64::from(estimate_tokens(t))).sum();
+        let ask = Ask {
+            model: &req.model,
+            modalities: &[Modality::Chat],
+            model_param: "model",
+            estimated_tokens,
+            id_prefix: "chatcmpl",
+            check: &|_| Ok(()),
+        };
+        self.gate.admit(caller, request, ask).await
+    }
+
     async fn do_complete(&self, caller: &mut Caller, request: Request<ChatRequest>) -> Result<Response<ChatCompletion>, Error> {
+        let gate = &*self.gate;
         let admitted = self.admit(caller, &request).await?;
         let req = Arc::new(request.into_inner());
         let mut tries = Tries::default();
-        let served = self.router.complete(&admitted.model, req.clone(), &admitted.opts, &mut tries).await;
+        let served = gate.router.complete(&admitted.model, req.clone(), &admitted.opts, &mut tries).await;
         let served = match served {
             Ok(s) => s,
             Err(e) => {
-                self.record_failure(&caller.principal, &admitted, &req.model, &tries, &e).await;
-                Self::reconcile(&self.limiter, &caller.principal, admitted.estimated_tokens, Some(&Usage::default())).await;
+                gate.record_failure(&caller.principal, &admitted, &req.model, &tries, &e).await;
+                Gate::reconcile(&gate.limiter, &caller.principal, admitted.estimated_tokens, Some(&Usage::default())).await;
                 return Err(e);
             }
         };
         let mut completion = served.value;
         let usage = completion.usage.unwrap_or_default();
-        let mut row = Self::row(&caller.principal, &admitted, &req.model);
+        let mut row = Gate::row(&caller.principal, &admitted, &req.model);
         row.provider = Some(served.route.provider.clone());
         row.upstream_model = Some(served.route.upstream_model.clone());
         row.input_tokens = u64::from(usage.prompt_tokens);
@@ -228,8 +277,8 @@ impl ChatCore {
         row.ttft_ms = Some(row.latency_ms);
         row.attempts = served.attempts;
         row.outcome = "success".into();
-        Self::record(&self.ledger, Entry { row, attempts: tries.attempt_rows() }).await;
-        Self::reconcile(&self.limiter, &caller.principal, admitted.estimated_tokens, completion.usage.as_ref()).await;
+        Gate::record(&gate.ledger, Entry { row, attempts: tries.attempt_rows() }).await;
+        Gate::reconcile(&gate.limiter, &caller.principal, admitted.estimated_tokens, completion.usage.as_ref()).await;
         completion.id = admitted.id.clone();
         completion.created = unix_now();
         completion.model.clone_from(&req.model);
@@ -242,15 +291,16 @@ impl ChatCore {
     }
 
     async fn do_stream(&self, caller: &mut Caller, request: Request<ChatRequest>) -> Result<Response<ReceiverStream<Result<ChatChunk, Status>>>, Error> {
+        let gate = &*self.gate;
         let admitted = self.admit(caller, &request).await?;
         let req = Arc::new(request.into_inner());
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
         let mut tries = Tries::default();
-        let served = match self.router.stream(&admitted.model, req.clone(), admitted.opts.clone(), &mut tries).await {
+        let served = match gate.router.stream(&admitted.model, req.clone(), admitted.opts.clone(), &mut tries).await {
             Ok(s) => s,
             Err(e) => {
-                self.record_failure(&caller.principal, &admitted, &req.model, &tries, &e).await;
-                Self::reconcile(&self.limiter, &caller.principal, admitted.estimated_tokens, Some(&Usage::default())).await;
+                gate.record_failure(&caller.principal, &admitted, &req.model, &tries, &e).await;
+                Gate::reconcile(&gate.limiter, &caller.principal, admitted.estimated_tokens, Some(&Usage::default())).await;
                 return Err(e);
             }
         };
@@ -261,9 +311,9 @@ impl ChatCore {
             model: req.model.clone(),
             include_usage,
             tx,
-            limiter: self.limiter.clone(),
-            ledger: self.ledger.clone(),
-            row: Self::row(&caller.principal, &admitted, &req.model),
+            limiter: gate.limiter.clone(),
+            ledger: gate.ledger.clone(),
+            row: Gate::row(&caller.principal, &admitted, &req.model),
             started: admitted.started,
             principal: caller.principal.clone(),
             estimated_tokens: admitted.estimated_tokens,
@@ -340,7 +390,7 @@ fn validate(req: &ChatRequest) -> Result<(), Error> {
 
 /// The client's own deadline: gRPC's `grpc-timeout` (the façade translates
 /// `X-Switchyard-Timeout-Ms` into it).
-fn client_timeout(md: &tonic::metadata::MetadataMap) -> Result<Option<Duration>, Error> {
+pub(crate) fn client_timeout(md: &tonic::metadata::MetadataMap) -> Result<Option<Duration>, Error> {
     let Some(v) = md.get("grpc-timeout") else { return Ok(None) };
     let bad = || Error::invalid("malformed grpc-timeout", None);
     let s = v.to_str().map_err(|_| bad())?;
@@ -360,18 +410,18 @@ fn client_timeout(md: &tonic::metadata::MetadataMap) -> Result<Option<Duration>,
     }))
 }
 
-fn new_completion_id() -> String {
-    format!("chatcmpl-{}", Alphanumeric.sample_string(&mut rand::rng(), 24))
+pub(crate) fn new_id(prefix: &str) -> String {
+    format!("{prefix}-{}", Alphanumeric.sample_string(&mut rand::rng(), 24))
 }
 
-fn unix_now() -> i64 {
+pub(crate) fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or_default()
 }
 
-fn served_metadata<T>(resp: &mut Response<T>, provider: &str, attempts: u32) {
+pub(crate) fn served_metadata<T>(resp: &mut Response<T>, provider: &str, attempts: u32) {
     let md = resp.metadata_mut();
     if let Ok(v) = MetadataValue::try_from(provider) {
         md.insert(META_PROVIDER, v);
@@ -384,15 +434,15 @@ impl Chat for ChatCore {
     type CompleteStreamStream = ReceiverStream<Result<ChatChunk, Status>>;
 
     async fn complete(&self, request: Request<ChatRequest>) -> Result<Response<ChatCompletion>, Status> {
-        let mut caller = self.caller(&request).await?;
+        let mut caller = self.gate.caller(&request).await?;
         let out = self.do_complete(&mut caller, request).await;
-        self.finish(caller, out).await
+        self.gate.finish(caller, out).await
     }
 
     async fn complete_stream(&self, request: Request<ChatRequest>) -> Result<Response<Self::CompleteStreamStream>, Status> {
-        let mut caller = self.caller(&request).await?;
+        let mut caller = self.gate.caller(&request).await?;
         let out = self.do_stream(&mut caller, request).await;
-        self.finish(caller, out).await
+        self.gate.finish(caller, out).await
     }
 }
 
@@ -447,8 +497,8 @@ impl Relay {
             u32::try_from(row.input_tokens).unwrap_or(u32::MAX),
             u32::try_from(row.output_tokens).unwrap_or(u32::MAX),
         );
-        ChatCore::record(&self.ledger, Entry { row, attempts: summary.attempt_rows }).await;
-        ChatCore::reconcile(&self.limiter, &self.principal, self.estimated_tokens, Some(&used)).await;
+        Gate::record(&self.ledger, Entry { row, attempts: summary.attempt_rows }).await;
+        Gate::reconcile(&self.limiter, &self.principal, self.estimated_tokens, Some(&used)).await;
         // Only now the error event (or, when `tx` drops, `[DONE]`): the row
         // is durable before the client's last byte.
         if let Some(e) = failure {
