@@ -311,6 +311,12 @@ impl Upstream {
         })
     }
 
+    /// A streamed success body as raw bytes, passed on as they arrive.
+    pub fn byte_stream(&self, resp: reqwest::Response) -> ByteStream {
+        let id = self.id.clone();
+        Box::pin(resp.bytes_stream().map(move |r| r.map_err(|_| UpstreamError::new(&id, UpstreamErrorKind::Reset, "stream broke"))))
+    }
+
     fn transport_error(&self, e: &reqwest::Error) -> UpstreamError {
         // reqwest's Display can include the URL; ours carry no secrets
         // (keys travel in headers), but keep the detail to the class.
@@ -363,16 +369,187 @@ async fn read_bounded(resp: reqwest::Response, max: usize) -> Result<Bytes, Read
     Ok(Bytes::from(out))
 }
 
-/// Finds the human message in an error body of any of the formats we speak
-/// (`{"error":{"message"}}`, `{"error":"..."}`, `{"message":"..."}`).
+/// Finds the human message in an error body of any of the formats we speak:
+/// `{"error":{"message"}}`, `{"error":"..."}`, `{"message":"..."}` (OpenAI,
+/// Anthropic, Deepgram's newer shape), `{"detail":{"status","message"}}`
+/// and `{"detail":"..."}` (ElevenLabs; Replicate's problem+json),
+/// `{"detail":[{"msg"}]}` (a FastAPI validation error), and
+/// `{"err_code","err_msg"}` (Deepgram).
 pub fn error_message(body: &[u8]) -> String {
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
         return String::new();
     };
-    let m = v
-        .pointer("/error/message")
-        .or_else(|| v.get("error").filter(|e| e.is_string()))
-        .or_else(|| v.get("message"))
-        .or_else(|| v.get("detail"));
-    m.and_then(|m| m.as_str()).map(|s| crate::error::truncate(s, 300).to_owned()).unwrap_or_default()
+    let candidates = [
+        v.pointer("/error/message"),
+        v.get("error"),
+        v.get("message"),
+        v.pointer("/detail/message"),
+        v.get("detail"),
+        v.pointer("/detail/0/msg"),
+        v.get("err_msg"),
+    ];
+    let message = candidates.into_iter().flatten().find_map(serde_json::Value::as_str);
+    message.map(|s| crate::error::truncate(s, 300).to_owned()).unwrap_or_default()
+}
+
+/// `WxH` (as in `1024x1536`) as width and height.
+pub(crate) fn parse_size(s: &str) -> Option<(u32, u32)> {
+    let (w, h) = s.trim().split_once(['x', 'X'])?;
+    let (w, h) = (w.trim().parse().ok()?, h.trim().parse().ok()?);
+    (w > 0 && h > 0).then_some((w, h))
+}
+
+/// A language tag reduced to ISO-639-1 (`en`, `EN`, `en-US`, `pt_BR` →
+/// `en`, `en`, `en`, `pt`); `None` when it does not start with two letters.
+pub(crate) fn iso639_1(tag: &str) -> Option<String> {
+    let primary = tag.trim().split(['-', '_']).next()?;
+    (primary.len() == 2 && primary.bytes().all(|b| b.is_ascii_alphabetic())).then(|| primary.to_ascii_lowercase())
+}
+
+/// The media type of a file extension we may be handed (`png`, `jpg`,
+/// `jpeg`, `webp`, `gif`, `mp4`, `webm`, `mov`), case-insensitively.
+pub(crate) fn media_type_for_extension(ext: &str) -> Option<&'static str> {
+    Some(match ext.to_ascii_lowercase().as_str() {
+        "png" => "image/png",
+        "jpg" | "jpeg" => "image/jpeg",
+        "webp" => "image/webp",
+        "gif" => "image/gif",
+        "mp4" => "video/mp4",
+        "webm" => "video/webm",
+        "mov" => "video/quicktime",
+        _ => return None,
+    })
+}
+
+/// Like [`media_type_for_extension`], images only (an `output_format`).
+pub(crate) fn image_type_for_extension(ext: &str) -> Option<&'static str> {
+    media_type_for_extension(ext).filter(|t| t.starts_with("image/"))
+}
+
+/// The media type a URL's path ends in (query and fragment ignored).
+pub(crate) fn media_type_for_url(url: &str) -> Option<&'static str> {
+    let path = url.split(['?', '#']).next().unwrap_or_default();
+    let path = path.split_once("://").map_or(path, |(_, rest)| rest.split_once('/').map_or("", |(_, p)| p));
+    let last = path.rsplit('/').next().unwrap_or_default();
+    let (_, ext) = last.rsplit_once('.')?;
+    media_type_for_extension(ext)
+}
+
+/// The image type its first bytes announce (PNG, JPEG, WebP, GIF).
+pub(crate) fn sniff_image(b: &[u8]) -> Option<&'static str> {
+    if b.starts_with(b"\x89PNG\r\n\x1a\n") {
+        Some("image/png")
+    } else if b.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        Some("image/jpeg")
+    } else if b.len() >= 12 && &b[..4] == b"RIFF" && &b[8..12] == b"WEBP" {
+        Some("image/webp")
+    } else if b.starts_with(b"GIF87a") || b.starts_with(b"GIF89a") {
+        Some("image/gif")
+    } else {
+        None
+    }
+}
+
+/// Width and height from a PNG's `IHDR` chunk.
+pub(crate) fn png_dimensions(b: &[u8]) -> Option<(u32, u32)> {
+    if sniff_image(b) != Some("image/png") || b.get(12..16)? != b"IHDR" {
+        return None;
+    }
+    let be = |r: std::ops::Range<usize>| b.get(r).and_then(|s| <[u8; 4]>::try_from(s).ok()).map(u32::from_be_bytes);
+    let (w, h) = (be(16..20)?, be(20..24)?);
+    (w > 0 && h > 0).then_some((w, h))
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    //! What the adapter tests share: an [`Upstream`] with a recognisable
+    //! key, and a throwaway HTTP server on a loopback port.
+
+    use super::*;
+
+    pub const KEY: &str = "sk-test-secret-0123456789";
+
+    pub fn upstream(base_url: &str) -> Upstream {
+        Upstream {
+            id: "p".into(),
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            api_key: Secret::new(KEY),
+            http: reqwest::Client::new(),
+            timeout: Duration::from_secs(5),
+        }
+    }
+
+    pub fn route(model: &'static str) -> RouteCall<'static> {
+        RouteCall {
+            upstream_model: model,
+            max_output_tokens: 1024,
+            traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+        }
+    }
+
+    /// Serves `app` on `127.0.0.1:0`; returns its base URL.
+    pub async fn serve(app: axum::Router) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        format!("http://{addr}")
+    }
+
+    /// The JSON body of a built request.
+    pub fn json_body(req: &reqwest::Request) -> serde_json::Value {
+        serde_json::from_slice(req.body().unwrap().as_bytes().unwrap()).unwrap()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_message_reads_every_vendor_shape() {
+        let cases: [(&str, &str); 8] = [
+            (r#"{"error":{"message":"bad model","type":"invalid_request_error"}}"#, "bad model"),
+            (r#"{"error":"nope"}"#, "nope"),
+            (r#"{"message":"plain"}"#, "plain"),
+            (r#"{"detail":{"status":"voice_not_found","message":"A voice with that ID does not exist"}}"#, "A voice with that ID does not exist"),
+            (r#"{"detail":"Invalid API key"}"#, "Invalid API key"),
+            (r#"{"title":"Input validation failed","detail":"- input: prompt is required","status":422}"#, "- input: prompt is required"),
+            (r#"{"detail":[{"loc":["body","text"],"msg":"field required","type":"value_error.missing"}]}"#, "field required"),
+            (r#"{"err_code":"Bad Request","err_msg":"Bad Request: failed to process audio: corrupt or unsupported data","request_id":"r1"}"#, "Bad Request: failed to process audio: corrupt or unsupported data"),
+        ];
+        for (body, want) in cases {
+            assert_eq!(error_message(body.as_bytes()), want, "{body}");
+        }
+        assert_eq!(error_message(b"<html>502</html>"), "");
+        assert_eq!(error_message(br#"{"error":{"code":1}}"#), "");
+    }
+
+    #[test]
+    fn sizes_and_language_tags() {
+        assert_eq!(parse_size("1024x1536"), Some((1024, 1536)));
+        assert_eq!(parse_size("auto"), None);
+        assert_eq!(parse_size("0x5"), None);
+        assert_eq!(iso639_1("en-US").as_deref(), Some("en"));
+        assert_eq!(iso639_1("PT_br").as_deref(), Some("pt"));
+        assert_eq!(iso639_1("english"), None);
+        assert_eq!(iso639_1("multi"), None);
+    }
+
+    #[test]
+    fn media_types_from_urls_and_bytes() {
+        assert_eq!(media_type_for_url("https://replicate.delivery/x/out-0.webp"), Some("image/webp"));
+        assert_eq!(media_type_for_url("https://cdn.example/a/b.JPG?sig=a.png#f"), Some("image/jpeg"));
+        assert_eq!(media_type_for_url("https://cdn.example/v.mov"), Some("video/quicktime"));
+        assert_eq!(media_type_for_url("https://cdn.example/noext"), None);
+        assert_eq!(media_type_for_url("https://host.png"), None);
+        assert_eq!(media_type_for_url("https://cdn.example/dir.png/file"), None);
+        assert_eq!(image_type_for_extension("mp4"), None);
+        assert_eq!(sniff_image(b"RIFF\0\0\0\0WEBPVP8 "), Some("image/webp"));
+        assert_eq!(sniff_image(b"GIF89a.."), Some("image/gif"));
+        assert_eq!(sniff_image(b"\x89PN"), None);
+        let mut png = b"\x89PNG\r\n\x1a\n\0\0\0\x0dIHDR".to_vec();
+        png.extend_from_slice(&[0, 0, 4, 0, 0, 0, 6, 0]);
+        assert_eq!(png_dimensions(&png), Some((1024, 1536)));
+        assert_eq!(png_dimensions(&png[..20]), None);
+    }
 }
