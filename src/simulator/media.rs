@@ -224,6 +224,11 @@ pub(super) fn image_token(width: u32, height: u32, rgb: [u8; 3]) -> String {
     format!("img-{width}x{height}-{}.png", hex(&rgb))
 }
 
+/// The token of a `/_sim/media/` URL serving an MP4: `vid-{hex}.mp4`.
+pub(super) fn video_token(h: u64) -> String {
+    format!("vid-{h:016x}.mp4")
+}
+
 /// Parses `WxH` (an image size).
 pub(super) fn parse_size(s: &str) -> Option<(u32, u32)> {
     let (w, h) = s.split_once('x')?;
@@ -512,7 +517,7 @@ mod tests {
         let (ct, bytes) = media_of(&image_token(64, 32, [0xab, 0xcd, 0xef])).unwrap();
         assert_eq!(ct, "image/png");
         assert_eq!(bytes, png(64, 32, [0xab, 0xcd, 0xef]));
-        let (ct, bytes) = media_of(&format!("vid-{:016x}.mp4", 99)).unwrap();
+        let (ct, bytes) = media_of(&video_token(99)).unwrap();
         assert_eq!(ct, "video/mp4");
         assert_eq!(&bytes[..12], b"\0\0\0\x18ftypmp42");
         assert!(media_of("img-0x0-000000.png").is_none());

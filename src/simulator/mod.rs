@@ -20,6 +20,12 @@
 //!   `json`, `verbose_json` (segments, and words on request), `text`, `srt`,
 //!   `vtt`. The transcript is derived from the audio bytes' SHA-256, and its
 //!   duration is bytes / 32000 s (16 kHz 16-bit mono).
+//! - Replicate predictions, `POST /v1/predictions` (and
+//!   `POST /v1/models/{owner}/{name}/predictions`), polled with
+//!   `GET /v1/predictions/{id}` and cancelled with
+//!   `POST /v1/predictions/{id}/cancel`. A prediction whose version contains
+//!   `video`, or whose input has `duration`, makes one video (an MP4 URL);
+//!   any other makes `num_outputs` images (a list of PNG URLs).
 //! - ElevenLabs text to speech, `POST /v1/text-to-speech/{voice_id}` and
 //!   `.../stream`, audio streamed like OpenAI speech.
 //! - Deepgram pre-recorded transcription, `POST /v1/listen` with the raw
@@ -41,6 +47,8 @@
 //! Audio streams count each chunk as a content event: `chunk_delay_ms`
 //! delays every chunk, and `reset_after`, `stall_after` and
 //! `malformed_after` count chunks, 0 meaning right after the headers.
+//! Replicate predictions take `predict_ms` to run (default 200) and end
+//! `failed` with `predict_fail=true`.
 //!
 //! It reports what it received (`GET /_sim/requests`) and what happened to
 //! its streams (`GET /_sim/stats`), so tests can assert on the exact upstream
@@ -77,6 +85,7 @@ mod elevenlabs;
 mod images;
 mod media;
 mod openai;
+mod replicate;
 
 use crate::routing::stream::CONTINUE_INSTRUCTION;
 
@@ -110,6 +119,10 @@ pub struct Faults {
     pub tokens: Option<u32>,
     /// Prompt tokens reported as served from cache.
     pub cached_tokens: Option<u32>,
+    /// How long a Replicate prediction runs before it ends (default 200).
+    pub predict_ms: Option<u64>,
+    /// End Replicate predictions `failed` instead of `succeeded`.
+    pub predict_fail: Option<bool>,
 }
 
 impl Faults {
@@ -118,7 +131,7 @@ impl Faults {
         macro_rules! take {
             ($($f:ident),*) => { $( if other.$f.is_some() { self.$f = other.$f.clone(); } )* };
         }
-        take!(latency_ms, chunk_delay_ms, status, retry_after, hangup, reset_after, stall_after, malformed_after, fail_rate, tokens, cached_tokens);
+        take!(latency_ms, chunk_delay_ms, status, retry_after, hangup, reset_after, stall_after, malformed_after, fail_rate, tokens, cached_tokens, predict_ms, predict_fail);
     }
 
     /// Parses `key=value,key=value` (path segments and headers).
@@ -207,6 +220,7 @@ pub struct SimState {
     streams_cancelled: AtomicU64,
     /// The listener's address, for absolute URLs when a request has no Host.
     addr: OnceLock<SocketAddr>,
+    predictions: Mutex<replicate::Predictions>,
 }
 
 impl SimState {
@@ -222,6 +236,7 @@ impl SimState {
             streams_completed: AtomicU64::new(0),
             streams_cancelled: AtomicU64::new(0),
             addr: OnceLock::new(),
+            predictions: Mutex::default(),
         }
     }
 
@@ -583,6 +598,14 @@ fn path_and_query(uri: &Uri) -> String {
     uri.path_and_query().map_or_else(|| uri.path().to_owned(), |p| p.as_str().to_owned())
 }
 
+/// The raw `/p/{name}` or `/f/{spec}` a request came in under ("" for none).
+fn raw_prefix(uri: &Uri, prefix: &Prefix) -> String {
+    match prefix {
+        Prefix::None => String::new(),
+        _ => uri.path().split('/').take(3).collect::<Vec<_>>().join("/"),
+    }
+}
+
 /// `http://host:port` as the client reached the simulator, for absolute
 /// URLs in answers: the Host header, the URI's authority (HTTP/2), or the
 /// listener's own address.
@@ -615,6 +638,10 @@ pub fn app(state: Arc<SimState>) -> Router {
         ("/v1/images/generations", post(images::generations)),
         ("/v1/audio/speech", post(audio::speech)),
         ("/v1/audio/transcriptions", post(audio::transcriptions).layer(DefaultBodyLimit::max(MAX_MEDIA_BODY))),
+        ("/v1/predictions", post(replicate::create)),
+        ("/v1/models/{owner}/{model}/predictions", post(replicate::create)),
+        ("/v1/predictions/{id}", get(replicate::get)),
+        ("/v1/predictions/{id}/cancel", post(replicate::cancel)),
         ("/v1/text-to-speech/{voice_id}", post(elevenlabs::tts)),
         ("/v1/text-to-speech/{voice_id}/stream", post(elevenlabs::tts)),
         ("/v1/listen", post(deepgram::listen)),
