@@ -8,12 +8,47 @@
 //! seed and the prompt, so a conversation handed over mid-answer (an
 //! assistant prefill) is continued exactly where it stopped.
 //!
+//! Media kinds, in the vendors' own wire formats:
+//!
+//! - OpenAI images, `POST /v1/images/generations`: PNGs of the requested
+//!   size (a solid colour drawn from the prompt), inline as `b64_json` or,
+//!   with `response_format: "url"`, as links to `GET /_sim/media/{token}`.
+//! - OpenAI speech, `POST /v1/audio/speech`: audio streamed in 1 KiB chunks
+//!   (one per 16 characters of input, at least 4), starting with the
+//!   format's magic bytes.
+//! - OpenAI transcriptions, `POST /v1/audio/transcriptions` (multipart):
+//!   `json`, `verbose_json` (segments, and words on request), `text`, `srt`,
+//!   `vtt`. The transcript is derived from the audio bytes' SHA-256, and its
+//!   duration is bytes / 32000 s (16 kHz 16-bit mono).
+//! - Replicate predictions, `POST /v1/predictions` (and
+//!   `POST /v1/models/{owner}/{name}/predictions`), polled with
+//!   `GET /v1/predictions/{id}` and cancelled with
+//!   `POST /v1/predictions/{id}/cancel`. A prediction whose version contains
+//!   `video`, or whose input has `duration`, makes one video (an MP4 URL);
+//!   any other makes `num_outputs` images (a list of PNG URLs).
+//! - ElevenLabs text to speech, `POST /v1/text-to-speech/{voice_id}` and
+//!   `.../stream`, audio streamed like OpenAI speech.
+//! - Deepgram pre-recorded transcription, `POST /v1/listen` with the raw
+//!   audio as the body: the same transcript as OpenAI's.
+//!
+//! Every kind is served at the bare path and under `/p/{name}` and
+//! `/f/{spec}`, honours the same faults, and is recorded; a binary or
+//! multipart body is recorded as a summary (`{"bytes": N, ...}`) and the
+//! query string in `query`. Media URLs (`/_sim/media/...`) are stateless:
+//! the token says what to serve.
+//!
 //! Faults ([`Faults`]) come from four layers, later ones winning: the
 //! process profile (`--profile`), a named set (`/p/{name}/...`, changeable
 //! at run time), an inline set in the path (`/f/status=500,latency_ms=50/...`)
 //! and `x-sim-*` request headers. A provider in a gateway config points its
 //! `base_url` at a prefix, so one simulator can play many providers that
 //! behave differently.
+//!
+//! Audio streams count each chunk as a content event: `chunk_delay_ms`
+//! delays every chunk, and `reset_after`, `stall_after` and
+//! `malformed_after` count chunks, 0 meaning right after the headers.
+//! Replicate predictions take `predict_ms` to run (default 200) and end
+//! `failed` with `predict_fail=true`.
 //!
 //! It reports what it received (`GET /_sim/requests`) and what happened to
 //! its streams (`GET /_sim/stats`), so tests can assert on the exact upstream
@@ -25,17 +60,17 @@ use std::{
     net::SocketAddr,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
+        Arc, Mutex, OnceLock,
     },
     time::Duration,
 };
 
 use axum::{
     body::Body,
-    extract::{Path, Request, State},
-    http::{HeaderMap, StatusCode},
+    extract::{DefaultBodyLimit, Path, Request, State},
+    http::{HeaderMap, StatusCode, Uri},
     response::{IntoResponse, Response},
-    routing::{get, post, put},
+    routing::{get, post, put, MethodRouter},
     Json, Router,
 };
 use bytes::Bytes;
@@ -44,7 +79,13 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 
 mod anthropic;
+mod audio;
+mod deepgram;
+mod elevenlabs;
+mod images;
+mod media;
 mod openai;
+mod replicate;
 
 use crate::routing::stream::CONTINUE_INSTRUCTION;
 
@@ -78,6 +119,10 @@ pub struct Faults {
     pub tokens: Option<u32>,
     /// Prompt tokens reported as served from cache.
     pub cached_tokens: Option<u32>,
+    /// How long a Replicate prediction runs before it ends (default 200).
+    pub predict_ms: Option<u64>,
+    /// End Replicate predictions `failed` instead of `succeeded`.
+    pub predict_fail: Option<bool>,
 }
 
 impl Faults {
@@ -86,7 +131,7 @@ impl Faults {
         macro_rules! take {
             ($($f:ident),*) => { $( if other.$f.is_some() { self.$f = other.$f.clone(); } )* };
         }
-        take!(latency_ms, chunk_delay_ms, status, retry_after, hangup, reset_after, stall_after, malformed_after, fail_rate, tokens, cached_tokens);
+        take!(latency_ms, chunk_delay_ms, status, retry_after, hangup, reset_after, stall_after, malformed_after, fail_rate, tokens, cached_tokens, predict_ms, predict_fail);
     }
 
     /// Parses `key=value,key=value` (path segments and headers).
@@ -142,6 +187,9 @@ impl Faults {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Recorded {
     pub path: String,
+    /// The query string, if the request had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
     pub headers: BTreeMap<String, String>,
     pub body: Value,
 }
@@ -170,6 +218,9 @@ pub struct SimState {
     streams_started: AtomicU64,
     streams_completed: AtomicU64,
     streams_cancelled: AtomicU64,
+    /// The listener's address, for absolute URLs when a request has no Host.
+    addr: OnceLock<SocketAddr>,
+    predictions: Mutex<replicate::Predictions>,
 }
 
 impl SimState {
@@ -184,6 +235,8 @@ impl SimState {
             streams_started: AtomicU64::new(0),
             streams_completed: AtomicU64::new(0),
             streams_cancelled: AtomicU64::new(0),
+            addr: OnceLock::new(),
+            predictions: Mutex::default(),
         }
     }
 
@@ -207,8 +260,13 @@ impl SimState {
         }
     }
 
+    /// Records a request; `path` may carry its query (`/v1/listen?model=x`).
     fn record(&self, path: &str, headers: &HeaderMap, body: &Value) {
         self.requests.fetch_add(1, Ordering::SeqCst);
+        let (path, query) = match path.split_once('?') {
+            Some((p, q)) => (p, Some(q.to_owned())),
+            None => (path, None),
+        };
         let headers = headers
             .iter()
             .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
@@ -219,6 +277,7 @@ impl SimState {
             }
             r.push_back(Recorded {
                 path: path.to_owned(),
+                query,
                 headers,
                 body: body.clone(),
             });
@@ -428,6 +487,21 @@ fn stream_frames(state: Arc<SimState>, frames: Vec<Frame>, faults: Faults, malfo
 /// request, wait the latency, and answer the injected error if any. Returns
 /// the faults for the handler to apply to its answer.
 async fn preflight(state: &Arc<SimState>, prefix: Prefix, path: &str, headers: &HeaderMap, body: &Value, error_body: fn(u16) -> Value) -> Result<Faults, Response> {
+    let streaming = body.get("stream").and_then(Value::as_bool) == Some(true);
+    preflight_as(state, prefix, path, headers, body, streaming, error_body).await
+}
+
+/// [`preflight`] for an answer that streams (or not) whatever its body says,
+/// such as audio, which always streams. `body` is what is recorded.
+async fn preflight_as(
+    state: &Arc<SimState>,
+    prefix: Prefix,
+    path: &str,
+    headers: &HeaderMap,
+    body: &Value,
+    streaming: bool,
+    error_body: fn(u16) -> Value,
+) -> Result<Faults, Response> {
     let faults = state.faults_for(&prefix, headers).map_err(|e| (StatusCode::BAD_REQUEST, format!("bad simulator faults: {e}")).into_response())?;
     state.record(path, headers, body);
     if let Some(ms) = faults.latency_ms.filter(|&ms| ms > 0) {
@@ -435,7 +509,6 @@ async fn preflight(state: &Arc<SimState>, prefix: Prefix, path: &str, headers: &
     }
     // Streams fail at their first content event (after the preamble); a
     // sync answer has no preamble, so it fails before the response.
-    let streaming = body.get("stream").and_then(Value::as_bool) == Some(true);
     if faults.hangup == Some(true) || (!streaming && faults.reset_after == Some(0)) {
         let mut r = Response::new(Body::empty());
         r.extensions_mut().insert(ResetConnection);
@@ -457,19 +530,19 @@ async fn preflight(state: &Arc<SimState>, prefix: Prefix, path: &str, headers: &
     Ok(faults)
 }
 
-fn json_response(v: &Value) -> Response {
-    ([(http::header::CONTENT_TYPE, "application/json")], v.to_string()).into_response()
-}
-
 /// A sync answer with the faults that apply to a whole body.
 fn sync_response(body: Value, faults: &Faults) -> Response {
+    sync_bytes(body.to_string().into(), "application/json", faults)
+}
+
+/// A sync answer of any type with the faults that apply to a whole body.
+fn sync_bytes(body: Bytes, content_type: &'static str, faults: &Faults) -> Response {
     if faults.malformed_after.is_some() {
-        return ([(http::header::CONTENT_TYPE, "application/json")], "{\"id\": \"broken").into_response();
+        return ([(http::header::CONTENT_TYPE, content_type)], "{\"id\": \"broken").into_response();
     }
     if faults.reset_after.is_some() || faults.stall_after.is_some() {
         // Headers, half a body, then the fault.
-        let text = body.to_string();
-        let half = Bytes::from(text[..text.len() / 2].to_owned());
+        let half = body.slice(..body.len() / 2);
         let reset = faults.reset_after.is_some();
         let s = futures_util::stream::iter(vec![Ok::<_, std::io::Error>(half)]).chain(futures_util::stream::once(async move {
             if !reset {
@@ -478,10 +551,10 @@ fn sync_response(body: Value, faults: &Faults) -> Response {
             Err(std::io::Error::other("simulated reset"))
         }));
         let mut r = Response::new(Body::from_stream(s));
-        r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+        r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(content_type));
         return r;
     }
-    json_response(&body)
+    ([(http::header::CONTENT_TYPE, content_type)], body).into_response()
 }
 
 use futures_util::StreamExt;
@@ -497,11 +570,84 @@ async fn parse_body(req: Request) -> Result<(HeaderMap, Value), Response> {
     Ok((parts.headers, v))
 }
 
+/// The most a media request may send (audio uploads, mostly).
+const MAX_MEDIA_BODY: usize = 64 * 1024 * 1024;
+
+/// Reads a whole body, at most `limit` bytes.
+async fn read_body(req: Request, limit: usize) -> Result<(http::request::Parts, Bytes), Response> {
+    let (parts, body) = req.into_parts();
+    let bytes = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| (StatusCode::PAYLOAD_TOO_LARGE, "body too large").into_response())?;
+    Ok((parts, bytes))
+}
+
+/// The fault prefix of a route served by [`served`], from its path captures.
+fn prefix_of(params: &HashMap<String, String>) -> Prefix {
+    if let Some(name) = params.get("name") {
+        Prefix::Named(name.clone())
+    } else if let Some(spec) = params.get("spec") {
+        Prefix::Inline(spec.clone())
+    } else {
+        Prefix::None
+    }
+}
+
+/// The path with its query, as recorded.
+fn path_and_query(uri: &Uri) -> String {
+    uri.path_and_query().map_or_else(|| uri.path().to_owned(), |p| p.as_str().to_owned())
+}
+
+/// The raw `/p/{name}` or `/f/{spec}` a request came in under ("" for none).
+fn raw_prefix(uri: &Uri, prefix: &Prefix) -> String {
+    match prefix {
+        Prefix::None => String::new(),
+        _ => uri.path().split('/').take(3).collect::<Vec<_>>().join("/"),
+    }
+}
+
+/// `http://host:port` as the client reached the simulator, for absolute
+/// URLs in answers: the Host header, the URI's authority (HTTP/2), or the
+/// listener's own address.
+fn origin(state: &SimState, uri: &Uri, headers: &HeaderMap) -> String {
+    let host = headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| uri.authority().map(|a| a.as_str().to_owned()))
+        .or_else(|| state.addr.get().map(SocketAddr::to_string))
+        .unwrap_or_else(|| "127.0.0.1".to_owned());
+    format!("http://{host}")
+}
+
+/// Serves `route` at `path` and under both fault prefixes, `/p/{name}` and
+/// `/f/{spec}`; the handler finds which with [`prefix_of`].
+fn served(router: Router<Arc<SimState>>, path: &str, route: MethodRouter<Arc<SimState>>) -> Router<Arc<SimState>> {
+    router
+        .route(path, route.clone())
+        .route(&format!("/p/{{name}}{path}"), route.clone())
+        .route(&format!("/f/{{spec}}{path}"), route)
+}
+
 /// The simulator's routes.
 pub fn app(state: Arc<SimState>) -> Router {
-    let kinds = Router::new()
+    let mut kinds = Router::new()
         .route("/v1/chat/completions", post(openai::chat))
         .route("/v1/messages", post(anthropic::messages));
+    for (path, route) in [
+        ("/v1/images/generations", post(images::generations)),
+        ("/v1/audio/speech", post(audio::speech)),
+        ("/v1/audio/transcriptions", post(audio::transcriptions).layer(DefaultBodyLimit::max(MAX_MEDIA_BODY))),
+        ("/v1/predictions", post(replicate::create)),
+        ("/v1/models/{owner}/{model}/predictions", post(replicate::create)),
+        ("/v1/predictions/{id}", get(replicate::get)),
+        ("/v1/predictions/{id}/cancel", post(replicate::cancel)),
+        ("/v1/text-to-speech/{voice_id}", post(elevenlabs::tts)),
+        ("/v1/text-to-speech/{voice_id}/stream", post(elevenlabs::tts)),
+        ("/v1/listen", post(deepgram::listen)),
+    ] {
+        kinds = served(kinds, path, route);
+    }
     let named = Router::new()
         .route("/p/{name}/v1/chat/completions", post(openai::chat_named))
         .route("/p/{name}/v1/messages", post(anthropic::messages_named))
@@ -512,6 +658,7 @@ pub fn app(state: Arc<SimState>) -> Router {
         .merge(named)
         .route("/_sim/requests", get(|State(s): State<Arc<SimState>>| async move { Json(s.recorded()) }))
         .route("/_sim/stats", get(|State(s): State<Arc<SimState>>| async move { Json(s.stats()) }))
+        .route("/_sim/media/{token}", get(media::serve))
         .route(
             "/_sim/faults/{name}",
             put(|State(s): State<Arc<SimState>>, Path(name): Path<String>, Json(f): Json<Faults>| async move {
@@ -545,6 +692,7 @@ impl Drop for SimHandle {
 /// Starts a simulator on `listener` in the background.
 pub fn spawn(listener: TcpListener, state: Arc<SimState>) -> std::io::Result<SimHandle> {
     let addr = listener.local_addr()?;
+    let _ = state.addr.set(addr);
     let task = tokio::spawn(run(listener, state.clone()));
     Ok(SimHandle { addr, state, task })
 }
@@ -558,6 +706,9 @@ pub async fn run(listener: TcpListener, state: Arc<SimState>) {
         server::conn::auto,
     };
     use tower::ServiceExt;
+    if let Ok(addr) = listener.local_addr() {
+        let _ = state.addr.set(addr);
+    }
     let app = app(state);
     loop {
         let Ok((tcp, _)) = listener.accept().await else { continue };
@@ -577,6 +728,13 @@ pub async fn run(listener: TcpListener, state: Arc<SimState>) {
             let _ = auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(tcp), svc).await;
         });
     }
+}
+
+/// A simulator on a free port with no faults and seed 1, for tests.
+#[cfg(test)]
+pub(crate) async fn test_sim() -> SimHandle {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    spawn(listener, Arc::new(SimState::new(1, Faults::default()))).unwrap()
 }
 
 #[cfg(test)]

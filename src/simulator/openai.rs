@@ -18,13 +18,18 @@ use crate::proto::{
     ToolCall, Usage,
 };
 
-fn error_body(status: u16) -> Value {
+pub(super) fn error_body(status: u16) -> Value {
     let kind = match status {
         429 => "rate_limit_exceeded",
         400..=499 => "invalid_request_error",
         _ => "server_error",
     };
     json!({"error": {"message": format!("simulated failure (status {status})"), "type": kind, "param": null, "code": null}})
+}
+
+/// A 400 in OpenAI's shape, naming the offending parameter.
+pub(super) fn invalid(message: &str, param: Option<&str>) -> Response {
+    (StatusCode::BAD_REQUEST, Json(json!({"error": {"message": message, "type": "invalid_request_error", "param": param, "code": null}}))).into_response()
 }
 
 pub(super) async fn chat(state: State<Arc<SimState>>, req: Request) -> Response {
