@@ -45,9 +45,28 @@ pub struct Worker {
     pub owner: String,
 }
 
+/// Media bytes kept by the gateway: index, content type, bytes.
+type Kept = Vec<(u32, String, Vec<u8>)>;
+
+/// A job that ran to its end, and its books.
+struct Ran {
+    media: Vec<StoredMedia>,
+    kept: Kept,
+    usage: StoredUsage,
+    row: LedgerRow,
+    tries: Tries,
+}
+
+/// A job that failed, and its books.
+struct Failed {
+    error: Error,
+    row: LedgerRow,
+    tries: Tries,
+}
+
 /// How a job's run ended.
 enum Outcome {
-    Done(Result<(Vec<StoredMedia>, Vec<(u32, String, Vec<u8>)>, StoredUsage, LedgerRow, Tries), (Error, LedgerRow, Tries)>),
+    Done(Box<Result<Ran, Box<Failed>>>),
     /// Another worker holds the lease now.
     LeaseLost,
     Stopping,
@@ -96,11 +115,12 @@ impl Worker {
         let id = job.id.clone();
         self.changes.publish(&id, "running");
         let outcome = tokio::select! {
-            r = self.execute(&job) => Outcome::Done(r),
+            r = self.execute(&job) => Outcome::Done(Box::new(r)),
             _ = self.hold_lease(&id) => Outcome::LeaseLost,
             _ = stop.wait_for(|s| *s) => Outcome::Stopping,
         };
-        let status = match outcome {
+        let ended = match outcome {
+            Outcome::Done(r) => *r,
             Outcome::LeaseLost => {
                 tracing::warn!(job = %id, "lost the lease on a generation; leaving it to its new owner");
                 return;
@@ -110,9 +130,14 @@ impl Worker {
                     Ok(_) => tracing::info!(job = %id, "shutting down: generation put back in the queue"),
                     Err(e) => tracing::warn!(job = %id, "could not release a generation (it is retaken after its lease): {e}"),
                 }
-                "queued"
+                // Another replica may take it at once.
+                self.changes.publish(&id, "queued");
+                let _ = self.storage.notify_generation(&id, "queued").await;
+                return;
             }
-            Outcome::Done(Ok((media, kept, usage, row, tries))) => {
+        };
+        let status = match ended {
+            Ok(Ran { media, kept, usage, row, tries }) => {
                 let output = serde_json::to_string(&media).unwrap_or_else(|_| "[]".into());
                 let usage = serde_json::to_string(&usage).ok();
                 let finished = Finished {
@@ -127,7 +152,8 @@ impl Worker {
                 }
                 "completed"
             }
-            Outcome::Done(Err((e, row, tries))) => {
+            Err(failed) => {
+                let Failed { error: e, row, tries } = *failed;
                 let error = serde_json::to_string(&StoredError::from(&e)).ok();
                 let finished = Finished {
                     status: "failed",
@@ -195,8 +221,7 @@ impl Worker {
         }
     }
 
-    #[allow(clippy::type_complexity)]
-    async fn execute(&self, job: &Claimed) -> Result<(Vec<StoredMedia>, Vec<(u32, String, Vec<u8>)>, StoredUsage, LedgerRow, Tries), (Error, LedgerRow, Tries)> {
+    async fn execute(&self, job: &Claimed) -> Result<Ran, Box<Failed>> {
         let started = Instant::now();
         let mut row = LedgerRow {
             request_id: job.id.clone(),
@@ -223,7 +248,7 @@ impl Worker {
             row.error_code = Some(e.code().to_owned());
             row.attempts = tries.count();
             row.latency_ms = started.elapsed().as_millis() as u64;
-            Err((e, row, tries))
+            Err(Box::new(Failed { error: e, row, tries }))
         };
         let spec: JobSpec = match serde_json::from_str(&job.spec) {
             Ok(s) => s,
@@ -276,13 +301,13 @@ impl Worker {
         row.attempts = served.attempts;
         row.outcome = "success".into();
         row.latency_ms = started.elapsed().as_millis() as u64;
-        Ok((media, kept, usage, row, tries))
+        Ok(Ran { media, kept, usage, row, tries })
     }
 }
 
 /// The job's media as stored: URLs passed through, bytes kept for the
 /// gateway to serve.
-fn store_media(id: &str, produced: Vec<GeneratedMedia>) -> (Vec<StoredMedia>, Vec<(u32, String, Vec<u8>)>) {
+fn store_media(id: &str, produced: Vec<GeneratedMedia>) -> (Vec<StoredMedia>, Kept) {
     let mut media = Vec::with_capacity(produced.len());
     let mut kept = Vec::new();
     for (n, m) in produced.into_iter().enumerate() {
