@@ -13,8 +13,8 @@ use crate::config::Config;
 /// listens on loopback only unless told otherwise.
 pub const DEMO_KEY: &str = "ze_demo_0000000000000000";
 
-/// The demo config: three simulated providers behind `sim_url`, three
-/// public models, one key.
+/// The demo config: simulated providers of every kind behind `sim_url`,
+/// a public model of every modality, one key.
 pub fn config_toml(sim_url: &str, listen: SocketAddr) -> String {
     format!(
         r#"[server]
@@ -68,6 +68,77 @@ id = "llama-3.1-8b"
   upstream_model = "meta-llama/Llama-3.1-8B-Instruct"
   price = {{ input_per_mtok = 0.05, output_per_mtok = 0.08 }}
 
+[[providers]]
+id = "sim-replicate"
+kind = "replicate"
+base_url = "{sim_url}/p/replicate"
+api_key = "r8_demo"
+
+[[providers]]
+id = "sim-elevenlabs"
+kind = "elevenlabs"
+base_url = "{sim_url}/p/elevenlabs"
+api_key = "el-demo"
+
+[[providers]]
+id = "sim-deepgram"
+kind = "deepgram"
+base_url = "{sim_url}/p/deepgram"
+api_key = "dg-demo"
+
+[[models]]
+id = "gpt-image-1"
+modality = "image"
+  [[models.routes]]
+  provider = "sim-openai-a"
+  upstream_model = "gpt-image-1"
+  price = {{ per_image = 0.04 }}
+  [[models.routes]]
+  provider = "sim-replicate"
+  upstream_model = "black-forest-labs/flux-1.1-pro"
+  price = {{ per_image = 0.04 }}
+
+[[models]]
+id = "flux-1.1-pro"
+modality = "image"
+  [[models.routes]]
+  provider = "sim-replicate"
+  upstream_model = "black-forest-labs/flux-1.1-pro"
+  price = {{ per_image = 0.04 }}
+
+[[models]]
+id = "veo-3"
+modality = "video"
+  [[models.routes]]
+  provider = "sim-replicate"
+  upstream_model = "google/veo-3-video"
+  price = {{ per_second = 0.50 }}
+
+[[models]]
+id = "tts-1"
+modality = "tts"
+default_voice = "alloy"
+  [[models.routes]]
+  provider = "sim-openai-a"
+  upstream_model = "tts-1"
+  price = {{ per_mchar = 15.0 }}
+  [[models.routes]]
+  provider = "sim-elevenlabs"
+  upstream_model = "eleven_multilingual_v2"
+  price = {{ per_mchar = 30.0 }}
+
+[[models]]
+id = "whisper-1"
+modality = "stt"
+  [[models.routes]]
+  provider = "sim-openai-b"
+  upstream_model = "whisper-1"
+  price = {{ per_minute = 0.006 }}
+  [[models.routes]]
+  provider = "sim-deepgram"
+  upstream_model = "nova-2"
+  price = {{ per_minute = 0.0043 }}
+
 [[keys]]
 name = "demo"
 key = "{DEMO_KEY}"
@@ -84,8 +155,10 @@ pub fn config(sim_url: &str, listen: SocketAddr) -> Result<Config, Vec<crate::co
 pub fn banner(addr: SocketAddr) -> String {
     format!(
         r#"Switchyard demo listening on http://{addr} (HTTP and gRPC)
-  providers: sim-openai-a, sim-openai-b, sim-anthropic (simulated, in-process)
-  models:    gpt-4o-mini, claude-sonnet-4, llama-3.1-8b
+  providers: sim-openai-a, sim-openai-b, sim-anthropic, sim-replicate,
+             sim-elevenlabs, sim-deepgram (simulated, in-process)
+  models:    gpt-4o-mini, claude-sonnet-4, llama-3.1-8b (chat), gpt-image-1,
+             flux-1.1-pro (image), veo-3 (video), tts-1, whisper-1
   key:       {DEMO_KEY}
 
 Try a streamed answer:

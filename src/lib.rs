@@ -1,31 +1,40 @@
-//! Switchyard: one endpoint in front of many LLM providers.
+//! Switchyard: one endpoint in front of many LLM and media providers.
 //!
 //! # The request path
 //!
 //! ```text
 //!  socket ── axum::serve (HTTP/1.1 + h2c on one port)
 //!    │        └─ request_id layer: X-Request-Id in, X-Request-Id out
-//!    ├─ /v1/...  http.rs     OpenAI JSON façade: route → key (before the body)
-//!    │                       → body limit → JSON → proto ChatRequest
-//!    │                       │ calls the generated `Chat` trait, like any gRPC client
-//!    ├─ /switchyard.v1.Chat/* (gRPC clients, same trait)
+//!    │        └─ trace layer: the request's span, traceparent out
+//!    ├─ /v1/...  http/       OpenAI JSON façade: route → key (before the body)
+//!    │                       → body limit → JSON (strict where the API is) → proto
+//!    │                       │ calls the generated service traits, like any gRPC client
+//!    ├─ /switchyard.v1.*/*   (gRPC clients, same traits)
 //!    ▼
-//!  grpc.rs      ChatCore: key → validate → model → permission → deadline
+//!  grpc/        Gate: key → validate → model → modality → permission → budget
+//!    │          → rate limit → deadline; then Chat, Generations or Speech
 //!    ▼
-//!  routing/     Router: candidates in order, one attempt at a time, failover
-//!    │          on retryable failures until first content, errors collected
+//!  routing/     Router: scores, power of two choices, one attempt at a time
+//!    │          (or a hedge), failover on retryable failures until first
+//!    │          content, mid-stream continuation for chat
 //!    ▼
-//!  providers/   one adapter per wire format: proto ⇄ openai | anthropic JSON,
-//!    │          SSE decoded as it arrives, failures classified (error.rs)
+//!  providers/   one adapter per wire format: proto ⇄ openai | anthropic |
+//!    │          replicate | elevenlabs | deepgram, streams decoded as they
+//!    │          arrive, failures classified (error.rs)
 //!    ▼
 //!  upstream provider (reqwest, pooled)
 //! ```
 //!
-//! And back: a sync answer returns up the same calls; a stream is relayed by
-//! a producer task in `grpc.rs` through a bounded channel, rewritten to one
-//! id and the public model name, and framed as SSE by `http.rs` (or sent as
-//! gRPC messages). When the client leaves, the channel closes, the producer
-//! stops and the upstream connection is dropped.
+//! And back: a sync answer returns up the same calls; a stream (chat chunks,
+//! TTS audio) is relayed by a producer task in `grpc/` through a bounded
+//! channel and framed by `http/` (SSE, raw audio) or sent as gRPC messages.
+//! When the client leaves, the channel closes, the producer stops and the
+//! upstream connection is dropped. The ledger row of every routed request is
+//! made durable before the client's last byte (`accounting/`).
+//!
+//! A generation takes a detour: `grpc/generations.rs` stores it as a job
+//! and long-polls it; a worker (`generations/`, on whichever replica claims
+//! the job's lease) routes it through the same `routing/` and `providers/`.
 //!
 //! [`serve`] is the one entry point: it takes the listener, the config and a
 //! shutdown future, so tests run the real server on port 0.

@@ -29,7 +29,15 @@ fn rand_suffix() -> u64 {
 #[test]
 fn check_accepts_the_example_config() {
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/switchyard.example.toml")).unwrap();
-    let env = [("OPENAI_API_KEY", "sk-1"), ("TOGETHER_API_KEY", "t-1"), ("ANTHROPIC_API_KEY", "a-1"), ("SWITCHYARD_CI_KEY", "ze_ci_key_0123456789")];
+    let env = [
+        ("OPENAI_API_KEY", "sk-1"),
+        ("TOGETHER_API_KEY", "t-1"),
+        ("ANTHROPIC_API_KEY", "a-1"),
+        ("SWITCHYARD_CI_KEY", "ze_ci_key_0123456789"),
+        ("REPLICATE_API_TOKEN", "r8-1"),
+        ("ELEVENLABS_API_KEY", "el-1"),
+        ("DEEPGRAM_API_KEY", "dg-1"),
+    ];
     let (code, out, err) = check(&text, &env);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("ok"), "{out}");

@@ -606,3 +606,110 @@ async fn a_two_gigabyte_upload_is_refused_early_with_memory_flat() {
     let grown = rss().saturating_sub(before);
     assert!(grown < 200 << 20, "memory stayed flat: grew {} MiB", grown >> 20);
 }
+
+#[tokio::test]
+async fn a_job_running_at_shutdown_is_finished_after_the_restart() {
+    let db = temp_db_url();
+    let db2 = db.clone();
+    let mut first = start_with(move |sim| media_toml(sim, &db2, "30s")).await;
+    first.faults("rep-1", Faults { predict_ms: Some(1500), ..Faults::default() });
+    let (status, _, g) = send(generate(&first, KEY, json!({"model": "veo-3", "input": {"prompt": "rain", "duration": 2}, "wait": 0}))).await;
+    assert_eq!(status, 202);
+    let id = g["id"].as_str().unwrap().to_owned();
+    for _ in 0..100 {
+        let (_, _, g) = send(poll(&first, KEY, &id, "0")).await;
+        if g["status"] == "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A graceful stop puts the job back in the queue rather than leaving it
+    // under a 30 s lease...
+    first.shutdown();
+    first.task.take().unwrap().await.unwrap().unwrap();
+    // ...so the restarted gateway runs it at once.
+    let config = switchyard::config::Config::parse(&media_toml(&first.sim.url(), &db, "30s"), "restart").unwrap();
+    let sim = std::mem::replace(&mut first.sim, switchyard::simulator::spawn(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(), std::sync::Arc::new(switchyard::simulator::SimState::new(SEED, Faults::default()))).unwrap());
+    let second = start_gateway(sim, config).await;
+    let (status, _, g) = send(poll(&second, KEY, &id, "15")).await;
+    assert_eq!(status, 200, "{g}");
+    assert_eq!(g["status"], "completed", "{g}");
+    assert_eq!(g["usage"]["video_seconds"], 2.0);
+}
+
+fn grpc_request<T>(message: T, key: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(message);
+    r.metadata_mut().insert("authorization", format!("Bearer {key}").parse().unwrap());
+    r
+}
+
+#[tokio::test]
+async fn the_grpc_surface_carries_generations_and_speech() {
+    use switchyard::proto::{
+        generations_client::GenerationsClient, speech_client::SpeechClient, CreateGenerationRequest, GenerationInput, GenerationStatus, GetGenerationRequest,
+        GetMediaRequest, SynthesizeRequest, TranscribeRequest,
+    };
+    use tokio_stream::StreamExt;
+    let (h, _db) = start_media().await;
+    let url = format!("http://{}", h.addr);
+    let mut gens = GenerationsClient::connect(url.clone()).await.unwrap();
+    let create = CreateGenerationRequest {
+        model: "gpt-image-1".into(),
+        input: Some(GenerationInput {
+            prompt: "a kite".into(),
+            ..Default::default()
+        }),
+        n: Some(1),
+        wait_seconds: Some(20.0),
+    };
+    let g = gens.create(grpc_request(create.clone(), KEY)).await.unwrap().into_inner();
+    assert_eq!(g.status, GenerationStatus::Completed as i32);
+    assert_eq!(g.media[0].url, format!("/v1/generations/{}/media/0", g.id));
+    let media = gens.get_media(grpc_request(GetMediaRequest { id: g.id.clone(), n: 0 }, KEY)).await.unwrap().into_inner();
+    assert_eq!(media.content_type, "image/png");
+    assert!(media.data.starts_with(b"\x89PNG"));
+    let again = gens.get(grpc_request(GetGenerationRequest { id: g.id.clone(), wait_seconds: Some(0.0) }, KEY)).await.unwrap().into_inner();
+    assert_eq!(again, g);
+    let e = gens.get(grpc_request(GetGenerationRequest { id: g.id.clone(), wait_seconds: None }, CLAUDE_ONLY_KEY)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    assert_eq!(e.metadata().get("switchyard-error-code").unwrap(), "not_found");
+    let mut bad = create;
+    bad.input.as_mut().unwrap().duration = Some(3.0);
+    let e = gens.create(grpc_request(bad, KEY)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert_eq!(e.metadata().get("switchyard-error-param").unwrap(), "input.duration");
+
+    let mut speech = SpeechClient::connect(url).await.unwrap();
+    let resp = speech
+        .synthesize(grpc_request(
+            SynthesizeRequest {
+                model_id: "tts-1".into(),
+                text: "hello over grpc".into(),
+                format: Some("wav".into()),
+                ..Default::default()
+            },
+            KEY,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(resp.metadata().get("x-switchyard-provider").unwrap(), "tts-oa");
+    let chunks: Vec<_> = resp.into_inner().collect::<Result<_, _>>().await.unwrap();
+    assert_eq!(chunks[0].content_type, "audio/wav");
+    assert!(chunks[0].data.starts_with(b"RIFF"));
+    assert!(chunks.len() > 1 && chunks[1..].iter().all(|c| c.content_type.is_empty()));
+
+    let upload = |audio: Vec<u8>| TranscribeRequest {
+        model_id: "whisper-1".into(),
+        audio: audio.into(),
+        filename: "clip.wav".into(),
+        content_type: "audio/wav".into(),
+        language: Some("en".into()),
+        provider_id: None,
+    };
+    let t = speech.transcribe(grpc_request(upload(wav(48_000)), KEY)).await.unwrap().into_inner();
+    assert_eq!((t.model.as_str(), t.language.as_deref(), t.duration), ("whisper-1", Some("en"), Some(1.5)));
+    assert!(!t.text.is_empty() && !t.words.unwrap().words.is_empty());
+    let e = speech.transcribe(grpc_request(upload(wav(26_214_401)), KEY)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert_eq!(e.metadata().get("switchyard-error-code").unwrap(), "invalid_input");
+}

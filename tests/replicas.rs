@@ -54,7 +54,15 @@ fn replica(config_text: &str) -> Replica {
         }
     };
     // Keep draining its logs so it never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
+    // (SWITCHYARD_TEST_LOGS=1 shows them.)
+    let show = std::env::var_os("SWITCHYARD_TEST_LOGS").is_some();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            if show {
+                eprintln!("[replica] {line}");
+            }
+        }
+    });
     Replica { child, addr }
 }
 
@@ -135,5 +143,125 @@ async fn two_processes_enforce_one_limit_and_one_budget() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     drop((a, b));
+    schema.drop_now().await;
+}
+
+/// One Replicate provider and an image model on `storage`, with a short
+/// lease so a dead process's job is retaken quickly.
+fn generation_config(sim: &str, storage: &str) -> String {
+    let journal = temp_journal();
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+request_timeout = "40s"
+shutdown_grace = "1s"
+[storage]
+url = "{storage}"
+ledger_journal = "{journal}"
+[generations]
+lease = "1s"
+[[providers]]
+id = "rep-1"
+kind = "replicate"
+base_url = "{sim}/p/rep-1"
+api_key = "r8_test_secret"
+[[models]]
+id = "flux"
+modality = "image"
+  [[models.routes]]
+  provider = "rep-1"
+  upstream_model = "black-forest-labs/flux-1.1-pro"
+  price = {{ per_image = 0.04 }}
+[[keys]]
+name = "gen"
+key = "{KEY}"
+[[keys]]
+name = "other"
+key = "{CLAUDE_ONLY_KEY}"
+"#
+    )
+}
+
+async fn generation(http: &reqwest::Client, addr: &str, path: &str, key: &str, body: Option<Value>) -> (u16, Value) {
+    let req = match body {
+        Some(b) => http.post(format!("http://{addr}{path}")).json(&b),
+        None => http.get(format!("http://{addr}{path}")),
+    };
+    let resp = req.bearer_auth(key).send().await.unwrap();
+    (resp.status().as_u16(), resp.json().await.unwrap())
+}
+
+/// Polls `addr` until the job is running (a worker holds its lease).
+async fn until_running(http: &reqwest::Client, addr: &str, id: &str) {
+    for _ in 0..100 {
+        let (_, g) = generation(http, addr, &format!("/v1/generations/{id}?wait=0"), KEY, None).await;
+        if g["status"] == "running" {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("generation {id} never started");
+}
+
+#[tokio::test]
+async fn generations_outlive_a_killed_process_and_long_polls_cross_processes() {
+    let schema = PgSchema::new().await;
+    let sim = simulator::spawn(TcpListener::bind("127.0.0.1:0").await.unwrap(), Arc::new(SimState::new(SEED, Faults::default()))).unwrap();
+    sim.state.set_faults("rep-1", Faults { predict_ms: Some(2500), ..Faults::default() });
+    // Each process its own journal: generation_config makes a new one.
+    let config = || generation_config(&sim.url(), &schema.url);
+    // No pooled connections: a restarted process may get the dead one's port.
+    let http = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+    let body = json!({"model": "flux", "input": {"prompt": "a harbour at dusk"}, "wait": 0});
+
+    // A job running on a process killed with SIGKILL...
+    let a = replica(&config());
+    let (status, g) = generation(&http, &a.addr, "/v1/generations", KEY, Some(body.clone())).await;
+    assert_eq!(status, 202, "{g}");
+    let first = g["id"].as_str().unwrap().to_owned();
+    until_running(&http, &a.addr, &first).await;
+    drop(a);
+    // ...is taken up by the next process once its lease runs out.
+    let b = replica(&config());
+    let (status, g) = generation(&http, &b.addr, &format!("/v1/generations/{first}?wait=30"), KEY, None).await;
+    assert_eq!(status, 200, "{g}");
+    assert_eq!(g["status"], "completed", "{g}");
+    assert_eq!(g["usage"]["images"], 1);
+
+    // A job running on B, long-polled from C: C's poll ends as soon as B
+    // finishes it (a NOTIFY), not at C's next re-read five seconds on.
+    let (_, g) = generation(&http, &b.addr, "/v1/generations", KEY, Some(body)).await;
+    let second = g["id"].as_str().unwrap().to_owned();
+    until_running(&http, &b.addr, &second).await;
+    let c = replica(&config());
+    let started = std::time::Instant::now();
+    let (status, g) = generation(&http, &c.addr, &format!("/v1/generations/{second}?wait=30"), KEY, None).await;
+    let waited = started.elapsed();
+    assert_eq!(status, 200, "{g}");
+    assert_eq!(g["status"], "completed");
+    assert!(waited < Duration::from_millis(4000), "the poll on another process returned {waited:?} after it began");
+    // Only the owner sees it, on every process.
+    let (status, e) = generation(&http, &c.addr, &format!("/v1/generations/{second}?wait=0"), CLAUDE_ONLY_KEY, None).await;
+    assert_eq!(status, 404, "{e}");
+
+    // Each job is charged once, whoever ran it and however often it started.
+    let storage = switchyard::storage::Storage::connect(&schema.url).await.unwrap();
+    let mut rows = Vec::new();
+    for _ in 0..100 {
+        rows = storage.ledger_rows("gen").await.unwrap();
+        if rows.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut ids: Vec<&str> = rows.iter().map(|r| r.request_id.as_str()).collect();
+    ids.sort_unstable();
+    let mut want = vec![first.as_str(), second.as_str()];
+    want.sort_unstable();
+    assert_eq!(ids, want);
+    assert!(rows.iter().all(|r| r.outcome == "success" && (r.cost_usd - 0.04).abs() < 1e-9));
+    storage.close().await;
+    drop((b, c));
     schema.drop_now().await;
 }
