@@ -713,3 +713,62 @@ async fn the_grpc_surface_carries_generations_and_speech() {
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert_eq!(e.metadata().get("switchyard-error-code").unwrap(), "invalid_input");
 }
+
+#[tokio::test]
+async fn a_generation_is_traced_in_the_trace_of_the_request_that_created_it() {
+    use common::otlp::*;
+    let (endpoint, collected) = collector().await;
+    let db = temp_db_url();
+    let h = start_with(move |sim| media_toml(sim, &db, "30s").replace("[generations]", &format!("[telemetry]\notlp_endpoint = \"{endpoint}\"\n\n[generations]"))).await;
+    h.faults("rep-1", Faults { status: Some(500), ..Faults::default() });
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let resp = generate(&h, KEY, json!({"model": "flux-1.1-pro", "input": {"prompt": "x"}}))
+        .header("traceparent", format!("00-{trace_id}-b7ad6b7169203331-01"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut spans = Vec::new();
+    for _ in 0..100 {
+        spans = collected.spans.lock().unwrap().iter().filter(|s| hex(&s.trace_id) == trace_id).cloned().collect::<Vec<_>>();
+        if spans.iter().filter(|s| s.name.starts_with("generate_content")).count() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let job = spans.iter().find(|s| s.name == "generation flux-1.1-pro").expect("the job's span, in the creating request's trace");
+    let attempts: Vec<&Span> = spans.iter().filter(|s| s.name == "generate_content black-forest-labs/flux-1.1-pro").collect();
+    assert_eq!(attempts.len(), 2, "one span per provider attempt: {:?}", spans.iter().map(|s| &s.name).collect::<Vec<_>>());
+    let providers: Vec<String> = attempts.iter().map(|s| attr_str(s, "switchyard.provider.id").unwrap()).collect();
+    assert!(providers.contains(&"rep-1".to_owned()) && providers.contains(&"rep-2".to_owned()), "{providers:?}");
+    assert!(attempts.iter().all(|s| s.parent_span_id == job.span_id));
+    assert!(attempts.iter().all(|s| attr_str(s, "gen_ai.operation.name").as_deref() == Some("generate_content")));
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tokio::test]
+async fn a_client_leaving_mid_speech_stops_the_upstream() {
+    let (h, _db) = start_media().await;
+    h.faults("tts-oa", Faults { chunk_delay_ms: Some(200), ..Faults::default() });
+    let mut resp = h
+        .http
+        .post(h.url("/v1/tts/synthesize"))
+        .bearer_auth(KEY)
+        .json(&json!({"model_id": "tts-1", "text": "a long text to speak slowly ".repeat(8)}))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.chunk().await.unwrap().is_some());
+    drop(resp);
+    let sim = h.sim.state.clone();
+    for _ in 0..100 {
+        if sim.stats().streams_cancelled >= 1 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the simulator's audio stream was not abandoned: {:?}", sim.stats());
+}

@@ -2,6 +2,8 @@
 //! behind it, both over real HTTP on loopback.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod otlp;
+
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use serde_json::Value;
