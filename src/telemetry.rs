@@ -188,26 +188,19 @@ impl Telemetry {
         if let Some(v) = traceparent.and_then(|t| http::HeaderValue::from_str(t).ok()) {
             headers.insert("traceparent", v);
         }
-        let parent = self.propagator.extract(&HeaderExtractor(&headers));
-        let span = self
-            .tracer
-            .span_builder(name)
-            .with_kind(SpanKind::Internal)
-            .with_attributes(attributes)
-            .start_with_context(&self.tracer, &parent);
-        parent.with_span(span)
+        self.start(&headers, name, SpanKind::Internal, attributes)
     }
 
     /// Starts a request's span, continuing the client's trace if it sent a
     /// `traceparent`.
     pub fn request_span(&self, headers: &http::HeaderMap, name: String, attributes: Vec<KeyValue>) -> Context {
+        self.start(headers, name, SpanKind::Server, attributes)
+    }
+
+    /// A span whose parent is the `traceparent` in `headers`, if any.
+    fn start(&self, headers: &http::HeaderMap, name: String, kind: SpanKind, attributes: Vec<KeyValue>) -> Context {
         let parent = self.propagator.extract(&HeaderExtractor(headers));
-        let span = self
-            .tracer
-            .span_builder(name)
-            .with_kind(SpanKind::Server)
-            .with_attributes(attributes)
-            .start_with_context(&self.tracer, &parent);
+        let span = self.tracer.span_builder(name).with_kind(kind).with_attributes(attributes).start_with_context(&self.tracer, &parent);
         parent.with_span(span)
     }
 

@@ -62,6 +62,33 @@ pub struct LedgerRow {
     pub units: f64,
 }
 
+impl LedgerRow {
+    /// A request's row before anything is known of its outcome: an error,
+    /// with nothing served, used or charged, made now.
+    pub fn new(request_id: String, client_request_id: Option<String>, key_name: String, model: String) -> Self {
+        LedgerRow {
+            request_id,
+            client_request_id,
+            key_name,
+            model,
+            provider: None,
+            upstream_model: None,
+            input_tokens: 0,
+            output_tokens: 0,
+            cached_tokens: 0,
+            cost_usd: 0.0,
+            latency_ms: 0,
+            ttft_ms: None,
+            attempts: 0,
+            outcome: "error".into(),
+            error_code: None,
+            created_at: crate::storage::unix_now(),
+            unit: None,
+            units: 0.0,
+        }
+    }
+}
+
 /// One provider attempt, with what that provider will bill for it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AttemptRow {

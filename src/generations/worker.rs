@@ -24,7 +24,7 @@ use crate::{
     error::Error,
     providers::{GeneratedMedia, MediaData},
     routing::{CallOpts, Router, Tries},
-    storage::{unix_ms, unix_now, Claimed, Finished, Storage},
+    storage::{unix_ms, Claimed, Finished, Storage},
     telemetry::Telemetry,
 };
 
@@ -223,26 +223,7 @@ impl Worker {
 
     async fn execute(&self, job: &Claimed) -> Result<Ran, Box<Failed>> {
         let started = Instant::now();
-        let mut row = LedgerRow {
-            request_id: job.id.clone(),
-            client_request_id: job.client_request_id.clone(),
-            key_name: job.key_name.clone(),
-            model: job.model.clone(),
-            provider: None,
-            upstream_model: None,
-            input_tokens: 0,
-            output_tokens: 0,
-            cached_tokens: 0,
-            cost_usd: 0.0,
-            latency_ms: 0,
-            ttft_ms: None,
-            attempts: 0,
-            outcome: "error".into(),
-            error_code: None,
-            created_at: unix_now(),
-            unit: None,
-            units: 0.0,
-        };
+        let mut row = LedgerRow::new(job.id.clone(), job.client_request_id.clone(), job.key_name.clone(), job.model.clone());
         let mut tries = Tries::default();
         let fail = |e: Error, mut row: LedgerRow, tries: Tries| {
             row.error_code = Some(e.code().to_owned());

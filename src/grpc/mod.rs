@@ -182,26 +182,9 @@ impl Gate {
 
     /// The ledger row of a request that reached routing.
     pub(crate) fn row(principal: &Principal, admitted: &Admitted, model: &str) -> LedgerRow {
-        LedgerRow {
-            request_id: admitted.id.clone(),
-            client_request_id: admitted.client_request_id.clone(),
-            key_name: principal.name.clone(),
-            model: model.to_owned(),
-            provider: None,
-            upstream_model: None,
-            input_tokens: 0,
-            output_tokens: 0,
-            cached_tokens: 0,
-            cost_usd: 0.0,
-            latency_ms: admitted.started.elapsed().as_millis() as u64,
-            ttft_ms: None,
-            attempts: 0,
-            outcome: "error".into(),
-            error_code: None,
-            created_at: unix_now(),
-            unit: None,
-            units: 0.0,
-        }
+        let mut row = LedgerRow::new(admitted.id.clone(), admitted.client_request_id.clone(), principal.name.clone(), model.to_owned());
+        row.latency_ms = admitted.started.elapsed().as_millis() as u64;
+        row
     }
 
     pub(crate) async fn record(ledger: &Ledger, entry: Entry) {

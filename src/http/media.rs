@@ -319,37 +319,28 @@ fn field_path(path: &str, key: &str) -> String {
     }
 }
 
-fn string(obj: &Map<String, Value>, path: &str, key: &str) -> Result<Option<String>, Error> {
+/// An optional field of one JSON type; another type is refused naming
+/// the field's path.
+fn typed<T>(obj: &Map<String, Value>, path: &str, key: &str, what: &str, get: impl Fn(&Value) -> Option<T>) -> Result<Option<T>, Error> {
     match obj.get(key) {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(_) => {
+        Some(v) => get(v).map(Some).ok_or_else(|| {
             let p = field_path(path, key);
-            Err(Error::invalid_param(format!("'{p}' must be a string"), &p))
-        }
+            Error::invalid_param(format!("'{p}' must be {what}"), &p)
+        }),
     }
+}
+
+fn string(obj: &Map<String, Value>, path: &str, key: &str) -> Result<Option<String>, Error> {
+    typed(obj, path, key, "a string", |v| v.as_str().map(str::to_owned))
 }
 
 fn number(obj: &Map<String, Value>, path: &str, key: &str) -> Result<Option<f64>, Error> {
-    match obj.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => Ok(n.as_f64()),
-        Some(_) => {
-            let p = field_path(path, key);
-            Err(Error::invalid_param(format!("'{p}' must be a number"), &p))
-        }
-    }
+    typed(obj, path, key, "a number", Value::as_f64)
 }
 
 fn integer(obj: &Map<String, Value>, path: &str, key: &str) -> Result<Option<i64>, Error> {
-    match obj.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) if n.is_i64() => Ok(n.as_i64()),
-        Some(_) => {
-            let p = field_path(path, key);
-            Err(Error::invalid_param(format!("'{p}' must be an integer"), &p))
-        }
-    }
+    typed(obj, path, key, "an integer", Value::as_i64)
 }
 
 /// `wait`: `"auto"`, or seconds as a number (or a numeric string, as a

@@ -48,7 +48,7 @@ pub trait ChatAdapter: Send + Sync + 'static {
 }
 
 /// An image or video generation, validated, as every adapter receives it.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct GenerationSpec {
     pub video: bool,
     pub prompt: String,

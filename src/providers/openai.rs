@@ -436,16 +436,9 @@ mod tests {
 
     fn spec() -> GenerationSpec {
         GenerationSpec {
-            video: false,
             prompt: "a lighthouse".into(),
-            image_urls: vec![],
-            aspect_ratio: None,
-            size: None,
-            duration: None,
-            resolution: None,
-            seed: None,
-            negative_prompt: None,
             n: 2,
+            ..GenerationSpec::default()
         }
     }
 

@@ -316,16 +316,9 @@ mod tests {
 
     fn spec() -> GenerationSpec {
         GenerationSpec {
-            video: false,
             prompt: "a fox".into(),
-            image_urls: vec![],
-            aspect_ratio: None,
-            size: None,
-            duration: None,
-            resolution: None,
-            seed: None,
-            negative_prompt: None,
             n: 1,
+            ..GenerationSpec::default()
         }
     }
 
