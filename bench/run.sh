@@ -1,0 +1,160 @@
+#!/usr/bin/env bash
+# The benchmark: the simulator in its zero-latency profile, the gateway
+# (release build) and, as the floor, nginx as a plain proxy_pass reverse
+# proxy in front of the same simulator. The proxy under test (gateway or
+# nginx) runs alone on one core; the simulator and the load tools share the
+# other, so every target is measured on the same pinning. Writes
+# BENCHMARKS.md (and the raw JSON lines to bench/results.jsonl).
+#
+#   bench/run.sh                  # everything, about five minutes
+#   DURATION=5s HOLD=2000 bench/run.sh   # a quicker pass
+#
+# Needs wrk and nginx on PATH (Debian: apt-get install wrk nginx-light), and
+# cores 0 and 1 (PROXY_CORE / LOAD_CORE to change them).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${DURATION:-10s}
+CONNS=${CONNS:-64}
+HOLD=${HOLD:-10000}
+PROXY_CORE=${PROXY_CORE:-1}
+LOAD_CORE=${LOAD_CORE:-0}
+SIM_PORT=19090
+GW_PORT=18080
+GW_OFF_PORT=18082
+NGINX_PORT=18081
+OTLP_PORT=14317
+export BENCH_KEY=ze_bench_key_0000000000000000
+
+for tool in wrk nginx taskset curl; do
+    command -v "$tool" >/dev/null || { echo "bench: $tool is needed (apt-get install wrk nginx-light)" >&2; exit 2; }
+done
+
+cargo build --release --locked --bin switchyard --example loadgen
+BIN=target/release/switchyard
+LOAD=target/release/examples/loadgen
+WORK=$(mktemp -d /tmp/switchyard-bench.XXXXXX)
+RESULTS=bench/results.jsonl
+: > "$RESULTS"
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    [ -f "$WORK/nginx.pid" ] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null || true
+    wait 2>/dev/null || true
+}
+trap cleanup EXIT
+ulimit -n "$(ulimit -Hn)" || true
+
+on_load() { taskset -c "$LOAD_CORE" "$@"; }
+on_proxy() { taskset -c "$PROXY_CORE" "$@"; }
+wait_up() { for _ in $(seq 1 100); do curl -fs "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "bench: $1 did not come up" >&2; exit 1; }
+
+# The gateway's config: limiter, ledger and tracing on (the "off" variant
+# drops them). Streams held open go to a prefix whose answers trickle.
+gateway_config() { # port, with_extras(0|1)
+    local extras_key="requests_per_minute = 100000000
+tokens_per_minute = 100000000000"
+    local telemetry="[telemetry]
+otlp_endpoint = \"http://127.0.0.1:$OTLP_PORT\"
+sample_ratio = 1.0"
+    if [ "$2" = 0 ]; then extras_key=""; telemetry=""; fi
+    cat <<EOF
+[server]
+listen = "127.0.0.1:$1"
+request_timeout = "120s"
+shutdown_grace = "1s"
+[storage]
+url = "sqlite://$WORK/gw-$1.db"
+$telemetry
+[[providers]]
+id = "sim"
+kind = "openai"
+base_url = "http://127.0.0.1:$SIM_PORT/v1"
+max_concurrency = 100000
+[[providers]]
+id = "sim-trickle"
+kind = "openai"
+base_url = "http://127.0.0.1:$SIM_PORT/f/chunk_delay_ms=3000,tokens=40/v1"
+max_concurrency = 100000
+idle_timeout = "30s"
+[[models]]
+id = "gpt-4o-mini"
+  [[models.routes]]
+  provider = "sim"
+  upstream_model = "gpt-4o-mini"
+  price = { input_per_mtok = 0.15, output_per_mtok = 0.60 }
+[[models]]
+id = "trickle"
+  [[models.routes]]
+  provider = "sim-trickle"
+  upstream_model = "gpt-4o-mini"
+[[keys]]
+name = "bench"
+key = "$BENCH_KEY"
+$extras_key
+EOF
+}
+
+echo "bench: starting the simulator, an OTLP sink and the gateways" >&2
+on_load "$LOAD" otlp-sink --port "$OTLP_PORT" & PIDS+=($!)
+on_load "$BIN" simulate --port "$SIM_PORT" --profile fast 2>"$WORK/sim.log" & PIDS+=($!)
+gateway_config "$GW_PORT" 1 > "$WORK/gw.toml"
+gateway_config "$GW_OFF_PORT" 0 > "$WORK/gw-off.toml"
+(cd "$WORK" && exec taskset -c "$PROXY_CORE" "$OLDPWD/$BIN" serve --config gw.toml 2>gw.log) & GW_PID=$!; PIDS+=($GW_PID)
+(cd "$WORK" && exec taskset -c "$PROXY_CORE" "$OLDPWD/$BIN" serve --config gw-off.toml 2>gw-off.log) & PIDS+=($!)
+cp bench/nginx.conf "$WORK/nginx.conf"
+on_proxy nginx -p "$WORK" -c "$WORK/nginx.conf" -g 'daemon off;' & PIDS+=($!)
+wait_up "http://127.0.0.1:$GW_PORT/healthz"
+wait_up "http://127.0.0.1:$GW_OFF_PORT/healthz"
+wait_up "http://127.0.0.1:$NGINX_PORT/_sim/stats"
+
+SIM="http://127.0.0.1:$SIM_PORT"
+GW="http://127.0.0.1:$GW_PORT"
+GW_OFF="http://127.0.0.1:$GW_OFF_PORT"
+NGINX="http://127.0.0.1:$NGINX_PORT"
+
+# Warm every path (connection pools, the scorer, the page cache).
+for url in "$SIM" "$GW" "$GW_OFF" "$NGINX"; do
+    on_load "$LOAD" http --url "$url" --key "$BENCH_KEY" --conns 16 --duration 2s >/dev/null
+done
+
+wrk_run() { # label url
+    BENCH_LABEL=$1 on_load wrk -t1 -c"$CONNS" -d"$DURATION" -s bench/chat.lua "$2/v1/chat/completions" | grep '^{' >> "$RESULTS"
+}
+load() { on_load "$LOAD" "$@" --key "$BENCH_KEY" --duration "$DURATION" >> "$RESULTS"; }
+
+echo "bench: sync chat with wrk" >&2
+wrk_run simulator "$SIM"
+wrk_run nginx "$NGINX"
+wrk_run gateway "$GW"
+wrk_run "gateway (limits, tracing off)" "$GW_OFF"
+
+echo "bench: sync and streaming chat with loadgen" >&2
+for stream in "" "--stream"; do
+    load http --url "$SIM" --conns "$CONNS" $stream --label simulator
+    load http --url "$NGINX" --conns "$CONNS" $stream --label nginx
+    load http --url "$GW" --conns "$CONNS" $stream --label gateway
+    # Half the gateway's peak, offered to the gateway and to the simulator.
+    peak=$(tail -n1 "$RESULTS" | sed -E 's/.*"rps":([0-9.]+).*/\1/')
+    half=$(awk -v p="$peak" 'BEGIN { printf "%d", p / 2 }')
+    load http --url "$SIM" --conns "$CONNS" $stream --rate "$half" --label "simulator @ half gateway peak"
+    load http --url "$GW" --conns "$CONNS" $stream --rate "$half" --label "gateway @ half peak"
+done
+
+echo "bench: gRPC" >&2
+for stream in "" "--stream"; do
+    load grpc --url "$GW" --conns "$CONNS" $stream --label gateway
+    peak=$(tail -n1 "$RESULTS" | sed -E 's/.*"rps":([0-9.]+).*/\1/')
+    half=$(awk -v p="$peak" 'BEGIN { printf "%d", p / 2 }')
+    load grpc --url "$GW" --conns "$CONNS" $stream --rate "$half" --label "gateway @ half peak"
+done
+
+echo "bench: $HOLD streams held open" >&2
+on_load "$LOAD" hold --url "$GW" --key "$BENCH_KEY" --n "$HOLD" --model trickle --pid "$GW_PID" --label gateway >> "$RESULTS"
+
+cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')
+printf '{"kind":"meta","date":"%s","machine":"%s, %s cores","pinning":"proxy on core %s; simulator, wrk and loadgen on core %s; %s per run, %s connections","notes":"%s"}\n' \
+    "$(date -u +%Y-%m-%d)" "$cpu" "$(nproc)" "$PROXY_CORE" "$LOAD_CORE" "$DURATION" "$CONNS" \
+    "The gateway runs with its rate limiter (in memory), ledger (SQLite, journal) and tracing (every span exported over OTLP to a sink) on; the 'limits, tracing off' row drops the limiter and tracing. gRPC rows have no direct baseline: the simulator speaks HTTP only." >> "$RESULTS"
+"$LOAD" report --results "$RESULTS" --out BENCHMARKS.md
+echo "bench: wrote BENCHMARKS.md" >&2
