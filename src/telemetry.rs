@@ -75,8 +75,11 @@ pub struct TelemetryError(String);
 
 /// Spans waiting for export, at most; past it new spans are dropped.
 const EXPORT_QUEUE: usize = 8192;
-const EXPORT_BATCH: usize = 512;
-const EXPORT_EVERY: Duration = Duration::from_millis(500);
+// Small batches: encoding one is work done on a request thread, and a big
+// one stalls every request behind it (p99 at half load went 15 ms → see
+// BENCHMARKS.md).
+const EXPORT_BATCH: usize = 64;
+const EXPORT_EVERY: Duration = Duration::from_millis(100);
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
 
 enum Export {

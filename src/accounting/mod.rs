@@ -18,7 +18,7 @@
 
 use std::{
     collections::HashMap,
-    io::{Read, Seek, SeekFrom, Write},
+    io::Write,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
@@ -122,6 +122,9 @@ pub fn chat_cost(price: &Price, input: u64, cached: u64, output: u64) -> f64 {
 
 /// Journal size past which a fully flushed journal is emptied.
 const ROTATE_BYTES: u64 = 256 * 1024;
+/// Entries held in memory for the writer, at most; past it the writer
+/// replays the journal file instead (the database being down, say).
+const MAX_PENDING: usize = 100_000;
 const FLUSH_EVERY: Duration = Duration::from_millis(200);
 const BUDGET_REFRESH: Duration = Duration::from_millis(250);
 /// How long a budget check waits on the database before using what it has.
@@ -132,8 +135,17 @@ struct Spent {
     refreshed: Instant,
 }
 
+/// The journal file and what was appended to it since the writer last
+/// took its entries, under one lock: a line is in the file if and only if
+/// it is in the database or in `pending` (or `overflowed` says to replay).
+struct Journal {
+    file: std::fs::File,
+    pending: Vec<Entry>,
+    overflowed: bool,
+}
+
 pub struct Ledger {
-    journal: Mutex<std::fs::File>,
+    journal: Mutex<Journal>,
     path: PathBuf,
     storage: Storage,
     wake: Notify,
@@ -177,7 +189,12 @@ impl Ledger {
             None => None,
         };
         let ledger = Arc::new(Ledger {
-            journal: Mutex::new(file),
+            journal: Mutex::new(Journal {
+                file,
+                pending: Vec::new(),
+                // The journal may hold rows from before a crash: replay it.
+                overflowed: true,
+            }),
             path: path.to_owned(),
             storage: storage.clone(),
             wake: Notify::new(),
@@ -218,9 +235,15 @@ impl Ledger {
         let mut line = serde_json::to_vec(entry).map_err(std::io::Error::other)?;
         line.push(b'\n');
         {
-            let mut f = self.journal.lock().unwrap_or_else(|p| p.into_inner());
+            let mut j = self.journal.lock().unwrap_or_else(|p| p.into_inner());
             // One write of the whole line: O_APPEND keeps lines whole.
-            f.write_all(&line)?;
+            j.file.write_all(&line)?;
+            // The writer takes it from memory, not by reading the file back.
+            if j.pending.len() < MAX_PENDING {
+                j.pending.push(entry.clone());
+            } else {
+                j.overflowed = true;
+            }
         }
         if entry.row.cost_usd > 0.0 {
             let mut unflushed = self.unflushed.lock().unwrap_or_else(|p| p.into_inner());
@@ -271,36 +294,52 @@ impl Ledger {
 
     /// Moves everything journaled into the database now (at shutdown).
     pub async fn flush(&self) {
-        let mut offset = 0;
-        let _ = flush_once(self, &mut offset).await;
+        if let Err(e) = flush_once(self).await {
+            tracing::error!("ledger flush at shutdown: {e}; the journal keeps the rows for the next start");
+        }
     }
 }
 
-/// Reads complete journal lines from `offset`, inserts them, and empties
-/// the journal once it is all in the database and large enough.
-async fn flush_once(ledger: &Ledger, offset: &mut u64) -> Result<(), String> {
-    let path = ledger.path.clone();
-    let start = *offset;
-    let (bytes, len) = tokio::task::spawn_blocking(move || -> std::io::Result<(Vec<u8>, u64)> {
-        let mut f = std::fs::File::open(&path)?;
-        let len = f.metadata()?.len();
-        if len < start {
-            return Ok((Vec::new(), len));
+/// Moves what was journaled into the database: the entries held in memory,
+/// or (at start, or after memory overflowed) every line of the journal file,
+/// then empties a journal that is all in the database and large enough.
+/// Inserts skip request ids already present, so a line written twice lands
+/// once.
+async fn flush_once(ledger: &Ledger) -> Result<(), String> {
+    let (pending, replay) = {
+        let mut j = ledger.journal.lock().unwrap_or_else(|p| p.into_inner());
+        let replay = std::mem::take(&mut j.overflowed);
+        (std::mem::take(&mut j.pending), replay)
+    };
+    let entries = if replay { read_journal(&ledger.path).await? } else { pending };
+    if !entries.is_empty() {
+        if let Err(e) = ledger.storage.insert_entries(&entries).await {
+            // Not lost: the file still holds them; replay it next time.
+            ledger.journal.lock().unwrap_or_else(|p| p.into_inner()).overflowed = true;
+            return Err(e.to_string());
         }
-        f.seek(SeekFrom::Start(start))?;
-        let mut buf = Vec::new();
-        f.take(len - start).read_to_end(&mut buf)?;
-        Ok((buf, len))
-    })
-    .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| e.to_string())?;
-    if len < start {
-        *offset = 0;
-        return Ok(());
+        // (A replayed journal's entries were never counted as unflushed;
+        // subtracting them is floored at zero.)
+        ledger.flushed(&entries);
     }
+    // Under the append lock: nothing appended since the entries were taken
+    // means every line in the file is in the database.
+    let j = ledger.journal.lock().unwrap_or_else(|p| p.into_inner());
+    if j.pending.is_empty() && !j.overflowed && j.file.metadata().map(|m| m.len()).unwrap_or(0) >= ROTATE_BYTES {
+        j.file.set_len(0).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Every complete line of the journal file.
+async fn read_journal(path: &Path) -> Result<Vec<Entry>, String> {
+    let path = path.to_owned();
+    let bytes = tokio::task::spawn_blocking(move || std::fs::read(&path))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
     let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-    let entries: Vec<Entry> = bytes[..complete]
+    Ok(bytes[..complete]
         .split(|&b| b == b'\n')
         .filter(|l| !l.is_empty())
         .filter_map(|l| match serde_json::from_slice(l) {
@@ -310,33 +349,13 @@ async fn flush_once(ledger: &Ledger, offset: &mut u64) -> Result<(), String> {
                 None
             }
         })
-        .collect();
-    if !entries.is_empty() {
-        ledger.storage.insert_entries(&entries).await.map_err(|e| e.to_string())?;
-        // (A replayed journal's entries were never counted as unflushed;
-        // subtracting them is floored at zero.)
-        ledger.flushed(&entries);
-    }
-    *offset = start + complete as u64;
-    if *offset >= ROTATE_BYTES {
-        // Under the append lock, so no line can land between the check and
-        // the truncation.
-        let f = ledger.journal.lock().unwrap_or_else(|p| p.into_inner());
-        if f.metadata().map(|m| m.len()).ok() == Some(*offset) {
-            f.set_len(0).map_err(|e| e.to_string())?;
-            *offset = 0;
-        }
-    }
-    Ok(())
+        .collect())
 }
 
 async fn writer(ledger: std::sync::Weak<Ledger>) {
-    // Replays the journal from its start: rows already in the database are
-    // skipped by their request id.
-    let mut offset = 0u64;
     loop {
         let Some(l) = ledger.upgrade() else { return };
-        if let Err(e) = flush_once(&l, &mut offset).await {
+        if let Err(e) = flush_once(&l).await {
             tracing::error!("ledger writer: {e}; retrying");
         }
         let notified = async {
