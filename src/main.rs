@@ -101,6 +101,11 @@ enum KeysCommand {
 const EXIT_RUNTIME: u8 = 1;
 const EXIT_CONFIG: u8 = 2;
 
+/// mimalloc rather than glibc's allocator: the request path makes many
+/// small, short-lived allocations on several threads.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logs(cli.log_format);

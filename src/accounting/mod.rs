@@ -125,7 +125,7 @@ const ROTATE_BYTES: u64 = 256 * 1024;
 /// Entries held in memory for the writer, at most; past it the writer
 /// replays the journal file instead (the database being down, say).
 const MAX_PENDING: usize = 100_000;
-const FLUSH_EVERY: Duration = Duration::from_millis(200);
+const FLUSH_EVERY: Duration = Duration::from_millis(50);
 const BUDGET_REFRESH: Duration = Duration::from_millis(250);
 /// How long a budget check waits on the database before using what it has.
 const BUDGET_READ_TIMEOUT: Duration = Duration::from_millis(200);

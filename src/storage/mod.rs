@@ -13,7 +13,7 @@ use std::{str::FromStr, time::Duration};
 
 use sqlx::{
     postgres::{PgConnectOptions, PgPoolOptions},
-    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions},
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous},
     PgPool, SqlitePool,
 };
 
@@ -115,6 +115,11 @@ impl Storage {
             let options = SqliteConnectOptions::from_str(url)?
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
+                // WAL with NORMAL syncs at checkpoints, not every commit: the
+                // ledger journal (the durability point) is not fsynced
+                // either, and an fsync per ledger batch stalled unrelated
+                // writes on the same disk by up to ~0.4 s under load.
+                .synchronous(SqliteSynchronous::Normal)
                 .busy_timeout(Duration::from_secs(5));
             let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
             sqlx::migrate!("src/storage/migrations/sqlite").run(&pool).await?;
