@@ -445,9 +445,12 @@ fn report(results: &std::path::Path, out: &std::path::Path) {
         if of_kind.is_empty() {
             continue;
         }
-        let direct = of_kind.iter().find(|r| r["label"].as_str().is_some_and(|l| l.starts_with("simulator")) && r["offered_rps"].is_null());
+        // Each row against the simulator called directly at the same offered
+        // rate (or both at their peak).
+        let direct_for = |r: &Value| of_kind.iter().find(|d| d["label"].as_str().is_some_and(|l| l.starts_with("simulator")) && d["offered_rps"] == r["offered_rps"]).copied();
         md.push_str(&format!("## {title}\n\n| target | offered rps | rps | p50 | p99 | added p50 | added p99 | TTFT p50 | TTFT p99 | added TTFT p99 | errors |\n|---|---|---|---|---|---|---|---|---|---|---|\n"));
         for r in &of_kind {
+            let direct = direct_for(r);
             let added = |field: &str| match (r[field].as_u64(), direct.and_then(|d| d[field].as_u64())) {
                 (Some(a), Some(b)) if !r["label"].as_str().unwrap_or("").starts_with("simulator") => format!("{:+.2}", (a as f64 - b as f64) / 1000.0),
                 _ => "–".to_owned(),
@@ -488,6 +491,32 @@ fn report(results: &std::path::Path, out: &std::path::Path) {
         }
         md.push('\n');
     }
+    // The targets of issue 7, each against this run's figure.
+    let added_at_half = |kind: &str, field: &str| -> Option<f64> {
+        let g = rows.iter().find(|r| r["kind"] == kind && r["label"] == "gateway @ half peak")?;
+        let d = rows.iter().find(|r| r["kind"] == kind && r["label"] == "simulator @ half gateway peak")?;
+        Some((g[field].as_f64()? - d[field].as_f64()?) / 1000.0)
+    };
+    let ratio = match (find("wrk-sync", "gateway"), find("wrk-sync", "nginx")) {
+        (Some(g), Some(n)) => g["rps"].as_f64().zip(n["rps"].as_f64()).map(|(g, n)| g / n),
+        _ => None,
+    };
+    let rss = rows.iter().find(|r| r["kind"] == "hold").and_then(|r| r["rss_bytes"].as_f64()).map(|b| b / 1_048_576.0);
+    let verdict = |v: Option<f64>, ok: fn(f64) -> bool, fmt: &dyn Fn(f64) -> String| match v {
+        Some(v) => format!("{} | {}", fmt(v), if ok(v) { "met" } else { "**not met**" }),
+        None => "– | not measured".to_owned(),
+    };
+    md.push_str("## Targets\n\n| target | this run | |\n|---|---|---|\n");
+    md.push_str(&format!("| sync throughput ≥ 0.7× nginx on the same core | {} |\n", verdict(ratio, |v| v >= 0.7, &|v| format!("{v:.2}×"))));
+    md.push_str(&format!(
+        "| added p99 < 1 ms at half the gateway's peak (sync) | {} |\n",
+        verdict(added_at_half("http-sync", "p99_us"), |v| v < 1.0, &|v| format!("{v:+.2} ms"))
+    ));
+    md.push_str(&format!(
+        "| streaming TTFT overhead < 0.5 ms at p99 (half peak) | {} |\n",
+        verdict(added_at_half("http-stream", "ttft_p99_us"), |v| v < 0.5, &|v| format!("{v:+.2} ms"))
+    ));
+    md.push_str(&format!("| 10,000 open streams < 300 MB resident | {} |\n\n", verdict(rss, |v| v < 300.0, &|v| format!("{v:.0} MB"))));
     if let Some(m) = meta {
         if let Some(notes) = m["notes"].as_str() {
             md.push_str(notes);
