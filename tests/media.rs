@@ -283,12 +283,11 @@ async fn a_generation_every_provider_fails_is_a_failed_resource() {
 async fn wait_zero_answers_queued_and_a_long_poll_returns_when_the_job_ends() {
     let (h, _db) = start_media().await;
     h.faults("rep-1", Faults { predict_ms: Some(800), ..Faults::default() });
-    let started = Instant::now();
     let (status, _, g) = send(generate(&h, KEY, json!({"model": "veo-3", "input": {"prompt": "waves", "duration": 4, "resolution": "720p"}, "wait": 0}))).await;
     assert_eq!(status, 202, "{g}");
     assert!(matches!(g["status"].as_str(), Some("queued" | "running")), "{g}");
+    // (Not completed: it did not wait for the 0.8 s job.)
     assert!(g["completed_at"].is_null() && g["usage"].is_null());
-    assert!(started.elapsed() < Duration::from_millis(700), "wait=0 answers at once");
     let id = g["id"].as_str().unwrap();
 
     // A 30 s window that ends as soon as the job does.

@@ -152,6 +152,9 @@ pub struct Ledger {
     spent: Mutex<HashMap<String, Spent>>,
     /// Cost journaled here but not yet in the database, by key.
     unflushed: Mutex<HashMap<String, f64>>,
+    /// Batches written to the database so far (a cached figure read across
+    /// one is not kept).
+    flushes: std::sync::atomic::AtomicU64,
     redis: Option<redis_stream::RedisLedger>,
 }
 
@@ -200,6 +203,7 @@ impl Ledger {
             wake: Notify::new(),
             spent: Mutex::default(),
             unflushed: Mutex::default(),
+            flushes: std::sync::atomic::AtomicU64::new(0),
             redis,
         });
         tokio::spawn(writer(Arc::downgrade(&ledger)));
@@ -258,33 +262,53 @@ impl Ledger {
     /// row in both for a moment is counted twice — erring towards refusing,
     /// never towards overspending.
     pub async fn spent(&self, key: &str) -> f64 {
+        let unflushed = || self.unflushed.lock().unwrap_or_else(|p| p.into_inner()).get(key).copied().unwrap_or(0.0);
         let cached = {
             let spent = self.spent.lock().unwrap_or_else(|p| p.into_inner());
             spent.get(key).map(|s| (s.db, s.refreshed.elapsed() < BUDGET_REFRESH))
         };
-        let db = match cached {
-            Some((db, true)) => db,
-            stale => match tokio::time::timeout(BUDGET_READ_TIMEOUT, self.storage.spent(key)).await {
-                Ok(Ok(db)) => {
+        if let Some((db, true)) = cached {
+            return db + unflushed();
+        }
+        // What is unflushed now, then the database: a row flushed in
+        // between is counted twice (refusing early), never missed.
+        let epoch = self.flushes.load(std::sync::atomic::Ordering::SeqCst);
+        let pending = unflushed();
+        let stale = cached;
+        let db = match tokio::time::timeout(BUDGET_READ_TIMEOUT, self.storage.spent(key)).await {
+            Ok(Ok(db)) => {
+                // Cached only if no flush landed meanwhile (it may or
+                // may not be in what was read).
+                if self.flushes.load(std::sync::atomic::Ordering::SeqCst) == epoch {
                     let mut spent = self.spent.lock().unwrap_or_else(|p| p.into_inner());
                     spent.insert(key.to_owned(), Spent { db, refreshed: Instant::now() });
-                    db
                 }
-                Ok(Err(e)) => {
-                    tracing::warn!("reading spend for a budget: {e}");
-                    stale.map_or(0.0, |s| s.0)
-                }
-                Err(_) => stale.map_or(0.0, |s| s.0),
-            },
+                db
+            }
+            Ok(Err(e)) => {
+                tracing::warn!("reading spend for a budget: {e}");
+                stale.map_or(0.0, |s| s.0)
+            }
+            Err(_) => stale.map_or(0.0, |s| s.0),
         };
-        let unflushed = self.unflushed.lock().unwrap_or_else(|p| p.into_inner());
-        db + unflushed.get(key).copied().unwrap_or(0.0)
+        db + pending
     }
 
-    /// Entries now in the database no longer count as unflushed.
+    /// Entries now in the database no longer count as unflushed, and the
+    /// database figure cached for their keys is stale: forgetting it makes
+    /// the next budget check re-read it, so a spend is never counted in
+    /// neither place.
     fn flushed(&self, entries: &[Entry]) {
+        let charged = || entries.iter().filter(|e| e.row.cost_usd > 0.0);
+        self.flushes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        {
+            let mut spent = self.spent.lock().unwrap_or_else(|p| p.into_inner());
+            for e in charged() {
+                spent.remove(&e.row.key_name);
+            }
+        }
         let mut unflushed = self.unflushed.lock().unwrap_or_else(|p| p.into_inner());
-        for e in entries.iter().filter(|e| e.row.cost_usd > 0.0) {
+        for e in charged() {
             if let Some(v) = unflushed.get_mut(&e.row.key_name) {
                 *v = (*v - e.row.cost_usd).max(0.0);
             }
