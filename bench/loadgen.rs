@@ -34,47 +34,16 @@ struct Args {
 enum Cmd {
     /// Chat completions over HTTP/1.1 (sync or SSE).
     Http {
-        /// Base URL, e.g. http://127.0.0.1:8080 (the path /v1/chat/completions is added).
-        #[arg(long)]
-        url: String,
-        #[arg(long, default_value = "")]
-        key: String,
-        #[arg(long, default_value_t = 64)]
-        conns: usize,
-        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-        duration: Duration,
-        /// Requests per second (open loop); absent: as fast as `conns` allow.
-        #[arg(long)]
-        rate: Option<f64>,
-        #[arg(long)]
-        stream: bool,
-        #[arg(long, default_value = "gpt-4o-mini")]
-        model: String,
-        /// A label for the report.
-        #[arg(long, default_value = "")]
-        label: String,
+        #[command(flatten)]
+        load: Load,
     },
     /// switchyard.v1.Chat over gRPC (Complete or CompleteStream).
     Grpc {
-        #[arg(long)]
-        url: String,
-        #[arg(long, default_value = "")]
-        key: String,
+        #[command(flatten)]
+        load: Load,
         /// HTTP/2 connections; the concurrency is spread over them.
         #[arg(long, default_value_t = 4)]
         channels: usize,
-        #[arg(long, default_value_t = 64)]
-        conns: usize,
-        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-        duration: Duration,
-        #[arg(long)]
-        rate: Option<f64>,
-        #[arg(long)]
-        stream: bool,
-        #[arg(long, default_value = "gpt-4o-mini")]
-        model: String,
-        #[arg(long, default_value = "")]
-        label: String,
     },
     /// Opens `n` streams over HTTP/2 and holds them until each has its
     /// first content, then reports how long that took and the resident
@@ -109,6 +78,31 @@ enum Cmd {
         #[arg(long)]
         out: std::path::PathBuf,
     },
+}
+
+/// What to load, how hard and for how long.
+#[derive(clap::Args)]
+struct Load {
+    /// Base URL, e.g. http://127.0.0.1:8080 (HTTP adds /v1/chat/completions).
+    #[arg(long)]
+    url: String,
+    #[arg(long, default_value = "")]
+    key: String,
+    /// Concurrent requests (closed loop), or the most in flight (open loop).
+    #[arg(long, default_value_t = 64)]
+    conns: usize,
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Requests per second (open loop); absent: as fast as `conns` allow.
+    #[arg(long)]
+    rate: Option<f64>,
+    #[arg(long)]
+    stream: bool,
+    #[arg(long, default_value = "gpt-4o-mini")]
+    model: String,
+    /// A label for the report.
+    #[arg(long, default_value = "")]
+    label: String,
 }
 
 /// Latencies in microseconds, and what went wrong.
@@ -236,10 +230,10 @@ where
             let interval = Duration::from_secs_f64(1.0 / rate);
             let mut due = started;
             let mut tasks = Vec::new();
-            let n = AtomicU64::new(0);
+            let mut i = 0usize;
             while due < end {
                 tokio::time::sleep_until(due.into()).await;
-                let i = n.fetch_add(1, Ordering::Relaxed) as usize;
+                i += 1;
                 let one = one.clone();
                 let samples = samples.clone();
                 tasks.push(tokio::spawn(async move {
@@ -286,7 +280,9 @@ fn rss(pid: u32) -> u64 {
 #[tokio::main]
 async fn main() {
     match Args::parse().cmd {
-        Cmd::Http { url, key, conns, duration, rate, stream, model, label } => {
+        Cmd::Http {
+            load: Load { url, key, conns, duration, rate, stream, model, label },
+        } => {
             let client = reqwest::Client::builder().pool_max_idle_per_host(conns.max(64)).tcp_nodelay(true).build().unwrap();
             let endpoint = format!("{}/v1/chat/completions", url.trim_end_matches('/'));
             let body = chat_body(&model, stream);
@@ -298,7 +294,10 @@ async fn main() {
             let kind = if stream { "http-stream" } else { "http-sync" };
             println!("{}", with_rate(samples.figures(&label, kind, elapsed), rate));
         }
-        Cmd::Grpc { url, key, channels, conns, duration, rate, stream, model, label } => {
+        Cmd::Grpc {
+            load: Load { url, key, conns, duration, rate, stream, model, label },
+            channels,
+        } => {
             let mut clients = Vec::new();
             for _ in 0..channels.max(1) {
                 clients.push(ChatClient::connect(url.clone()).await.expect("gRPC connect"));
