@@ -771,3 +771,45 @@ async fn a_client_leaving_mid_speech_stops_the_upstream() {
     }
     panic!("the simulator's audio stream was not abandoned: {:?}", sim.stats());
 }
+
+#[tokio::test]
+async fn speech_endpoints_share_the_key_budget_limit_and_method_errors() {
+    let (h, _db) = start_media().await;
+    let tts = |key: &str| h.http.post(h.url("/v1/tts/synthesize")).bearer_auth(key).json(&json!({"model_id": "tts-1", "text": "hi"}));
+    let stt = |key: &str| {
+        let form = reqwest::multipart::Form::new()
+            .part("audio", reqwest::multipart::Part::bytes(wav(1000)).file_name("a.wav"))
+            .text("model_id", "whisper-1");
+        h.http.post(h.url("/v1/stt/transcribe")).bearer_auth(key).multipart(form)
+    };
+    for (name, req) in [("tts", tts("ze_not_a_key_at_all")), ("stt", stt("ze_not_a_key_at_all"))] {
+        let (s, _, e) = send(req).await;
+        assert_eq!(s, 401, "{name}");
+        assert_envelope(&e, "unauthenticated", None);
+    }
+    for (name, req) in [("tts", tts(CLAUDE_ONLY_KEY)), ("stt", stt(CLAUDE_ONLY_KEY))] {
+        let (s, _, e) = send(req).await;
+        assert_eq!(s, 403, "{name}");
+        assert_envelope(&e, "permission_denied", None);
+    }
+    for (name, req) in [("tts", tts(POOR_KEY)), ("stt", stt(POOR_KEY))] {
+        let (s, _, e) = send(req).await;
+        assert_eq!(s, 402, "{name}");
+        assert_envelope(&e, "insufficient_quota", None);
+    }
+    // Two a minute across both endpoints: the third is refused.
+    let first = tts(LIMITED_KEY).send().await.unwrap();
+    assert_eq!(first.status(), 200);
+    assert_eq!(first.headers()["x-ratelimit-limit"], "2");
+    let _ = first.bytes().await;
+    assert_eq!(stt(LIMITED_KEY).send().await.unwrap().status(), 200);
+    let (s, headers, e) = send(tts(LIMITED_KEY)).await;
+    assert_eq!(s, 429);
+    assert_envelope(&e, "rate_limited", None);
+    assert!(headers.contains_key("retry-after"));
+    for path in ["/v1/tts/synthesize", "/v1/stt/transcribe"] {
+        let resp = h.http.get(h.url(path)).bearer_auth(KEY).send().await.unwrap();
+        assert_eq!(resp.status(), 405, "{path}");
+        assert!(resp.headers()["allow"].to_str().unwrap().contains("POST"));
+    }
+}
