@@ -813,3 +813,31 @@ async fn speech_endpoints_share_the_key_budget_limit_and_method_errors() {
         assert!(resp.headers()["allow"].to_str().unwrap().contains("POST"));
     }
 }
+
+#[tokio::test]
+async fn a_generation_honours_the_clients_deadline_and_failover_off() {
+    let (h, _db) = start_media().await;
+    // The client's deadline bounds the wait: the job runs on, the answer is 202.
+    h.faults("rep-2", Faults { predict_ms: Some(3000), ..Faults::default() });
+    h.faults("rep-1", Faults { status: Some(500), ..Faults::default() });
+    let resp = generate(&h, KEY, json!({"model": "flux-1.1-pro", "input": {"prompt": "x"}, "wait": 30}))
+        .header("x-switchyard-timeout-ms", "300")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202, "the 300 ms deadline ended the wait, not the job");
+    // Failover off (a fresh gateway, so the job above cannot interfere): with
+    // both providers failing, one attempt, then the job fails.
+    let (h, _db) = start_media().await;
+    h.faults("rep-1", Faults { status: Some(503), ..Faults::default() });
+    h.faults("rep-2", Faults { status: Some(503), ..Faults::default() });
+    let (s, _, g) = send(
+        generate(&h, KEY, json!({"model": "flux-1.1-pro", "input": {"prompt": "y"}})).header("x-switchyard-failover", "off"),
+    )
+    .await;
+    assert_eq!(s, 200, "{g}");
+    assert_eq!(g["status"], "failed");
+    assert_eq!(g["error"]["code"], "provider_unavailable");
+    let tried = h.upstream_requests("/p/rep-1/v1/predictions").len() + h.upstream_requests("/p/rep-2/v1/predictions").len();
+    assert_eq!(tried, 1, "one attempt, no failover");
+}
