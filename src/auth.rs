@@ -79,13 +79,29 @@ struct Cached {
 
 #[derive(Default)]
 pub struct Keys {
-    by_digest: HashMap<[u8; 32], Arc<Principal>>,
+    /// The config's keys (replaced whole on reload).
+    by_digest: crate::reload::Swap<HashMap<[u8; 32], Arc<Principal>>>,
     storage: Option<Storage>,
     cache: Mutex<HashMap<[u8; 32], Cached>>,
 }
 
 impl Keys {
     pub fn from_config(keys: &[KeyConfig]) -> Keys {
+        Keys {
+            by_digest: crate::reload::Swap::new(Self::table(keys)),
+            storage: None,
+            cache: Mutex::default(),
+        }
+    }
+
+    /// Replaces the config's keys: a removed key is refused from the next
+    /// request on, a changed one is admitted with its new models, limits
+    /// and budget.
+    pub fn reload(&self, keys: &[KeyConfig]) {
+        self.by_digest.store(Arc::new(Self::table(keys)));
+    }
+
+    fn table(keys: &[KeyConfig]) -> HashMap<[u8; 32], Arc<Principal>> {
         let mut by_digest = HashMap::new();
         for k in keys {
             let d = match (&k.key, &k.key_sha256) {
@@ -109,11 +125,7 @@ impl Keys {
                 }),
             );
         }
-        Keys {
-            by_digest,
-            storage: None,
-            cache: Mutex::default(),
-        }
+        by_digest
     }
 
     /// Also accepts keys minted into `storage`.
@@ -134,7 +146,7 @@ impl Keys {
             return Err(Error::Unauthenticated("malformed key: gateway keys start with ze_".into()));
         }
         let d = digest(key);
-        if let Some((stored, p)) = self.by_digest.get_key_value(&d) {
+        if let Some((stored, p)) = self.by_digest.load().get_key_value(&d) {
             if bool::from(stored.ct_eq(&d)) {
                 return Ok(p.clone());
             }

@@ -36,6 +36,11 @@ pub struct ServerConfig {
     pub max_body_bytes: u64,
     #[serde(deserialize_with = "de::duration")]
     pub shutdown_grace: Duration,
+    /// On SIGTERM, how long readiness reports draining (503, gRPC health
+    /// `NOT_SERVING`) while the listener still accepts, before draining
+    /// begins: time for a load balancer to stop sending.
+    #[serde(deserialize_with = "de::duration")]
+    pub drain_delay: Duration,
     #[serde(deserialize_with = "de::opt_socket_addr")]
     pub admin_listen: Option<SocketAddr>,
 }
@@ -47,6 +52,7 @@ impl Default for ServerConfig {
             request_timeout: Duration::from_secs(120),
             max_body_bytes: 4 * 1024 * 1024,
             shutdown_grace: Duration::from_secs(30),
+            drain_delay: Duration::ZERO,
             admin_listen: None,
         }
     }

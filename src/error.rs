@@ -59,6 +59,10 @@ pub enum Error {
     Timeout { message: String, attempts: u32 },
 }
 
+/// The public code of an error response, in its extensions.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorCode(pub &'static str);
+
 /// One row of the table: what a client sees for an error.
 struct Row {
     code: &'static str,
@@ -88,6 +92,24 @@ impl Error {
             Error::Timeout { .. } => ("timeout", H::GATEWAY_TIMEOUT, G::DeadlineExceeded, "timeout_error"),
         };
         Row { code, http, grpc, kind }
+    }
+
+    /// The public code spelled `code`, as the table's own `&'static str`
+    /// (`internal_error` for anything else): for labelling what another
+    /// component reported as a string.
+    pub fn static_code(code: &str) -> &'static str {
+        const CODES: [&str; 9] = [
+            "invalid_input",
+            "unauthenticated",
+            "insufficient_quota",
+            "permission_denied",
+            "not_found",
+            "rate_limited",
+            "internal_error",
+            "provider_unavailable",
+            "timeout",
+        ];
+        CODES.into_iter().find(|c| *c == code).unwrap_or("internal_error")
     }
 
     pub fn invalid(message: impl Into<String>, param: impl Into<Option<String>>) -> Self {
@@ -235,6 +257,8 @@ impl IntoResponse for Error {
             self.envelope_bytes(),
         )
             .into_response();
+        // For the request metrics (the trace layer reads it back).
+        resp.extensions_mut().insert(ErrorCode(self.code()));
         let headers = resp.headers_mut();
         match &self {
             Error::RateLimited { retry_after_secs } => {

@@ -59,8 +59,10 @@ pub mod generations;
 pub mod grpc;
 pub mod http;
 pub mod limits;
+pub mod metrics;
 pub mod proto;
 pub mod providers;
+pub mod reload;
 pub mod routing;
 pub mod simulator;
 pub mod storage;
@@ -117,6 +119,16 @@ pub async fn serve<F>(listener: TcpListener, config: Config, shutdown: F) -> Res
 where
     F: Future<Output = ()> + Send + 'static,
 {
+    let (_keep, reloads) = tokio::sync::mpsc::channel(1);
+    serve_reloading(listener, config, shutdown, reloads).await
+}
+
+/// [`serve`], also applying every config received on `reloads` (the
+/// binary sends one per `SIGHUP`, already validated; see [`reload`]).
+pub async fn serve_reloading<F>(listener: TcpListener, config: Config, shutdown: F, mut reloads: tokio::sync::mpsc::Receiver<Config>) -> Result<(), ServeError>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
     let telemetry = Arc::new(Telemetry::new(&config.telemetry)?);
     let storage = Storage::connect(&config.storage.url).await?;
     let keys = Arc::new(Keys::from_config(&config.keys).with_storage(storage.clone()));
@@ -128,12 +140,15 @@ where
         .starts_with("redis")
         .then(|| (config.limits.backend.as_str(), accounting::redis_stream::stream_key(&config.storage.url)));
     let ledger = Ledger::open(&config.storage.journal_path(), storage.clone(), redis)?;
-    let router = Arc::new(Router::new(&config, upstream_client()?, telemetry.clone()));
+    let router = Arc::new(reload::Swap::new(Router::new(&config, upstream_client()?, telemetry.clone())));
+    let metrics = Arc::new(metrics::Metrics::new(&[proto::FILE_DESCRIPTOR_SET, tonic_health::pb::FILE_DESCRIPTOR_SET]));
+    ledger.metrics.set(metrics.clone());
     let gate = Arc::new(Gate {
         keys: keys.clone(),
         router: router.clone(),
         limiter: limiter.clone(),
         ledger: ledger.clone(),
+        metrics: metrics.clone(),
         request_timeout: config.server.request_timeout,
     });
     let core = Arc::new(ChatCore::new(gate.clone()));
@@ -151,7 +166,7 @@ where
     });
     let worker = Arc::new(generations::worker::Worker {
         storage: storage.clone(),
-        router,
+        router: router.clone(),
         ledger: ledger.clone(),
         telemetry: telemetry.clone(),
         changes,
@@ -163,7 +178,9 @@ where
     let speech = Arc::new(SpeechCore::new(gate));
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<ChatServer<ChatCore>>().await;
+    for service in SERVICES {
+        health.set_service_status(service, tonic_health::ServingStatus::Serving).await;
+    }
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -172,7 +189,7 @@ where
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let models = Arc::new(ModelsCore::new(keys.clone(), &config));
+    let models = Arc::new(ModelsCore::new(keys.clone(), router.clone()));
     let grpc = tonic::service::Routes::new(ChatServer::from_arc(core.clone()))
         .add_service(ModelsServer::from_arc(models.clone()))
         .add_service(GenerationsServer::from_arc(generations_core.clone()))
@@ -189,24 +206,75 @@ where
         models,
         generations: generations_core,
         speech,
-        keys,
+        keys: keys.clone(),
         limiter,
         storage: storage.clone(),
         max_body_bytes: config.server.max_body_bytes,
         readiness: readiness.clone(),
     };
-    let app = http::router(state)
-        .merge(grpc)
+    let metrics_routes = http::metrics_router(http::MetricsState {
+        metrics: metrics.clone(),
+        router: router.clone(),
+        ledger: ledger.clone(),
+        limiter: state.limiter.clone(),
+        readiness: readiness.clone(),
+    });
+    let mut app = http::router(state).merge(grpc);
+    // /metrics on the main port, unless it has a port of its own.
+    let admin = match config.server.admin_listen {
+        Some(addr) => {
+            let admin = TcpListener::bind(addr).await?;
+            tracing::info!(addr = %admin.local_addr()?, "metrics listening");
+            Some(admin)
+        }
+        None => {
+            app = app.merge(metrics_routes.clone());
+            None
+        }
+    };
+    let app = app
         .fallback(http::fallback)
-        .layer(middleware::from_fn_with_state(telemetry.clone(), telemetry::trace_request))
+        .layer(middleware::from_fn_with_state((telemetry.clone(), metrics.clone()), telemetry::trace_request))
         .layer(middleware::from_fn(http::request_id));
+    let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(admin) = admin {
+        let serve_admin = axum::serve(admin, metrics_routes).with_graceful_shutdown(async move {
+            let _ = admin_stopped.await;
+        });
+        tokio::spawn(async move {
+            if let Err(e) = serve_admin.await {
+                tracing::error!("metrics listener: {e}");
+            }
+        });
+    }
+
+    let reloader = reload::Reloader {
+        router,
+        keys,
+        metrics,
+        current: std::sync::Mutex::new(config.clone()),
+    };
+    tokio::spawn(async move {
+        while let Some(new) = reloads.recv().await {
+            reloader.apply(new);
+        }
+    });
 
     let grace = config.server.shutdown_grace;
+    let delay = config.server.drain_delay;
     let signal = async move {
         shutdown.await;
-        tracing::info!(grace = ?grace, "shutting down: draining in-flight requests");
+        // Not ready first, still serving: the balancer has `drain_delay` to
+        // notice and stop sending before the listener closes.
         readiness.start_draining();
-        health.set_not_serving::<ChatServer<ChatCore>>().await;
+        for service in SERVICES {
+            health.set_service_status(service, tonic_health::ServingStatus::NotServing).await;
+        }
+        if !delay.is_zero() {
+            tracing::info!(delay = ?delay, "shutting down: reporting not ready before closing the listener");
+            tokio::time::sleep(delay).await;
+        }
+        tracing::info!(grace = ?grace, "shutting down: draining in-flight requests");
         let _ = draining_tx.send(true);
     };
     let listener = listener.tap_io(|tcp| {
@@ -225,11 +293,22 @@ where
     // The worker has put the jobs it held back in the queue by now, or will
     // within a moment; past that they are retaken when their leases end.
     let _ = tokio::time::timeout(Duration::from_secs(5), worker).await;
+    let _ = admin_stop.send(());
     telemetry.shutdown(Duration::from_secs(5)).await;
     ledger.flush().await;
     storage.close().await;
     Ok(())
 }
+
+/// What gRPC health reports on: the whole server (`""`) and each service.
+/// All of them go `NOT_SERVING` when draining starts.
+const SERVICES: [&str; 5] = [
+    "",
+    "switchyard.v1.Chat",
+    "switchyard.v1.Models",
+    "switchyard.v1.Generations",
+    "switchyard.v1.Speech",
+];
 
 /// Resolves on SIGTERM or ctrl-c: the binary's shutdown future.
 pub async fn shutdown_signal() {

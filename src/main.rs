@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
 use clap::{Parser, Subcommand};
 use switchyard::{
     config::Config,
-    demo, serve, shutdown_signal, simulator,
+    demo, serve, serve_reloading, shutdown_signal, simulator,
     telemetry::{init_logs, LogFormat},
 };
 use tokio::net::TcpListener;
@@ -120,6 +120,42 @@ fn main() -> ExitCode {
 }
 
 const DEFAULT_CONFIG: &str = "switchyard.toml";
+
+/// Re-reads and validates the config file on every SIGHUP; a file that
+/// does not validate is refused, with each problem logged, and the running
+/// config stays.
+async fn reload_on_sighup(path: PathBuf, reloads: tokio::sync::mpsc::Sender<Config>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("cannot listen for SIGHUP ({e}); config reload is off");
+                return;
+            }
+        };
+        while hup.recv().await.is_some() {
+            tracing::info!(path = %path.display(), "SIGHUP: re-reading the config");
+            match Config::load(&path) {
+                Ok(config) => {
+                    if reloads.send(config).await.is_err() {
+                        return;
+                    }
+                }
+                Err(problems) => {
+                    for p in &problems {
+                        tracing::error!(problem = %p, "config reload refused; the running config stays");
+                    }
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (path, reloads);
+    }
+}
 
 fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
     Config::load(path).map_err(|problems| {
@@ -313,7 +349,9 @@ async fn run(cli: Cli) -> ExitCode {
             };
             let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
             tracing::info!(addr = %addr, "switchyard listening");
-            finish(serve(listener, config, shutdown_signal()).await)
+            let (reload_tx, reloads) = tokio::sync::mpsc::channel(1);
+            tokio::spawn(reload_on_sighup(config_path.clone(), reload_tx));
+            finish(serve_reloading(listener, config, shutdown_signal(), reloads).await)
         }
         Command::Demo { listen } => {
             let sim = match TcpListener::bind("127.0.0.1:0").await.and_then(|l| {

@@ -19,7 +19,7 @@ use std::{sync::Arc, time::Duration};
 
 use axum::{
     body::Body,
-    extract::{Request, State},
+    extract::{MatchedPath, Request, State},
     middleware::Next,
     response::Response,
 };
@@ -39,7 +39,12 @@ use opentelemetry_sdk::{
 use tokio::sync::{mpsc, oneshot};
 use tracing_subscriber::{fmt, EnvFilter};
 
-use crate::{config::TelemetryConfig, error::UpstreamError, proto::Usage};
+use crate::{
+    config::TelemetryConfig,
+    error::{Error, ErrorCode, UpstreamError},
+    metrics::{Metrics, Outcome},
+    proto::Usage,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum LogFormat {
@@ -59,9 +64,10 @@ pub fn init_logs(format: LogFormat) {
 }
 
 /// The request's trace context, put in request extensions by
-/// [`trace_request`] for the core and the router to parent spans on.
+/// [`trace_request`] for the core and the router to parent spans on; and
+/// what the core learns of the request for its metrics.
 #[derive(Clone, Debug)]
-pub struct RequestTrace(pub Context);
+pub struct RequestTrace(pub Context, pub Arc<Outcome>);
 
 pub struct Telemetry {
     tracer: SdkTracer,
@@ -334,35 +340,73 @@ impl Extractor for HeaderExtractor<'_> {
 
 /// Ends the request span when the response body is done (or dropped), so a
 /// stream's span covers the whole stream.
-struct EndOnDrop(Context);
+/// Ends the request's span and counts the request when its response body
+/// is done with (sent whole, or dropped because the client left).
+struct Finish {
+    cx: Context,
+    metrics: Arc<Metrics>,
+    endpoint: String,
+    outcome: Arc<Outcome>,
+    /// The response's own error code, if its head carried one.
+    code: Option<&'static str>,
+}
 
-impl Drop for EndOnDrop {
+impl Drop for Finish {
     fn drop(&mut self) {
-        self.0.span().end();
+        self.cx.span().end();
+        let code = self.outcome.code().or(self.code).unwrap_or("ok");
+        self.metrics.request(&self.endpoint, &self.outcome, code, self.outcome.elapsed());
     }
 }
 
+/// A gRPC status in headers or trailers, as the public code: ours from
+/// `switchyard-error-code`, else what its gRPC code means.
+fn grpc_code(headers: &http::HeaderMap) -> Option<&'static str> {
+    let status = headers.get("grpc-status")?.as_bytes();
+    if status == b"0" {
+        return None;
+    }
+    Some(match headers.get("switchyard-error-code").and_then(|v| v.to_str().ok()) {
+        Some(code) => Error::static_code(code),
+        None => match status {
+            b"12" => "not_found",
+            b"3" | b"11" => "invalid_input",
+            b"16" => "unauthenticated",
+            b"4" => "timeout",
+            b"14" => "provider_unavailable",
+            _ => "internal_error",
+        },
+    })
+}
+
 /// Middleware: a span for every request, its context in the request's
-/// extensions, and its `traceparent` on the response.
-pub async fn trace_request(State(telemetry): State<Arc<Telemetry>>, mut req: Request, next: Next) -> Response {
+/// extensions, and its `traceparent` on the response; and the request's
+/// count and latency in the metrics once its response is over.
+pub async fn trace_request(State((telemetry, metrics)): State<(Arc<Telemetry>, Arc<Metrics>)>, mut req: Request, next: Next) -> Response {
     let is_grpc = req
         .headers()
         .get(http::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     let path = req.uri().path();
-    // Span names stay low-cardinality: unknown paths are not named.
-    let known = path.starts_with("/v1/") || path.starts_with("/switchyard.") || path.starts_with("/grpc.") || matches!(path, "/healthz" | "/readyz");
-    let name = match (is_grpc, known) {
-        (true, true) => path.trim_start_matches('/').to_owned(),
-        (false, true) => format!("{} {}", req.method(), path),
-        (_, false) => format!("{} unknown route", req.method()),
+    // Span names and metric labels stay low-cardinality: unknown paths are
+    // not named.
+    let endpoint = if is_grpc {
+        metrics.grpc_endpoint(path).map(str::to_owned)
+    } else {
+        req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_owned())
+    };
+    let name = match (is_grpc, &endpoint) {
+        (true, Some(e)) => e.clone(),
+        (false, Some(e)) => format!("{} {e}", req.method()),
+        (_, None) => format!("{} unknown route", req.method()),
     };
     let attributes = vec![
         KeyValue::new("http.request.method", req.method().to_string()),
         KeyValue::new("url.path", path.to_owned()),
     ];
     let cx = telemetry.request_span(req.headers(), name, attributes);
-    req.extensions_mut().insert(RequestTrace(cx.clone()));
+    let outcome = Outcome::new();
+    req.extensions_mut().insert(RequestTrace(cx.clone(), outcome.clone()));
     let resp = next.run(req).await;
     let (mut parts, body) = resp.into_parts();
     cx.span().set_attribute(KeyValue::new("http.response.status_code", i64::from(parts.status.as_u16())));
@@ -372,9 +416,23 @@ pub async fn trace_request(State(telemetry): State<Arc<Telemetry>>, mut req: Req
     if let Some(v) = traceparent(&cx).and_then(|t| HeaderValue::from_str(&t).ok()) {
         parts.headers.insert("traceparent", v);
     }
-    let guard = EndOnDrop(cx);
+    let code = parts.extensions.get::<ErrorCode>().map(|c| c.0).or_else(|| grpc_code(&parts.headers)).or_else(|| {
+        // A response the façade did not make from an error (a 503 from
+        // /readyz, axum's own rejections).
+        (!parts.status.is_success() && !parts.status.is_redirection()).then_some("error")
+    });
+    let finish = Finish {
+        cx,
+        metrics,
+        endpoint: endpoint.unwrap_or_else(|| "unknown".into()),
+        outcome,
+        code,
+    };
     let body = Body::new(body.map_frame(move |frame| {
-        let _ = &guard;
+        // A gRPC stream's status comes last, in its trailers.
+        if let Some(code) = frame.trailers_ref().and_then(grpc_code) {
+            finish.outcome.set_code(code);
+        }
         frame
     }));
     Response::from_parts(parts, body)

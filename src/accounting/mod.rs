@@ -156,6 +156,8 @@ pub struct Ledger {
     /// one is not kept).
     flushes: std::sync::atomic::AtomicU64,
     redis: Option<redis_stream::RedisLedger>,
+    /// Every entry's attempts and time to first content, for `/metrics`.
+    pub metrics: crate::metrics::Sink,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -205,6 +207,7 @@ impl Ledger {
             unflushed: Mutex::default(),
             flushes: std::sync::atomic::AtomicU64::new(0),
             redis,
+            metrics: Default::default(),
         });
         tokio::spawn(writer(Arc::downgrade(&ledger)));
         if let Some((url, stream)) = redis_url {
@@ -224,6 +227,7 @@ impl Ledger {
     /// Makes a request's entry durable: in the shared Redis stream if there
     /// is one and it answers, else in the local journal.
     pub async fn record(&self, entry: &Entry) -> Result<(), std::io::Error> {
+        self.metrics.observe_entry(entry);
         if let Some(r) = &self.redis {
             match r.append(entry).await {
                 Ok(()) => return Ok(()),
@@ -317,6 +321,11 @@ impl Ledger {
     }
 
     /// Moves everything journaled into the database now (at shutdown).
+    /// Entries journaled here and not yet in the database.
+    pub fn queue_depth(&self) -> usize {
+        self.journal.lock().unwrap_or_else(|p| p.into_inner()).pending.len()
+    }
+
     pub async fn flush(&self) {
         if let Err(e) = flush_once(self).await {
             tracing::error!("ledger flush at shutdown: {e}; the journal keeps the rows for the next start");

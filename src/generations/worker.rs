@@ -36,7 +36,8 @@ const MAX_CLAIMS: i64 = 5;
 
 pub struct Worker {
     pub storage: Storage,
-    pub router: Arc<Router>,
+    /// The routing table now (replaced on reload).
+    pub router: Arc<crate::reload::Swap<Router>>,
     pub ledger: Arc<Ledger>,
     pub telemetry: Arc<Telemetry>,
     pub changes: Arc<Changes>,
@@ -238,7 +239,8 @@ impl Worker {
         if job.claims > MAX_CLAIMS {
             return fail(Error::Internal(format!("the generation was interrupted {} times; giving up", job.claims - 1)), row, tries);
         }
-        let Some(model) = self.router.model(&job.model) else {
+        let router = self.router.load();
+        let Some(model) = router.model(&job.model) else {
             return fail(Error::invalid_param(format!("model {:?} is no longer served", job.model), "model"), row, tries);
         };
         let video = model.modality == Modality::Video;
@@ -253,7 +255,7 @@ impl Worker {
             trace,
         };
         let wanted = spec.spec.clone();
-        let served = match self.router.generate(&model, Arc::new(spec.spec), &opts, &mut tries, self.config.timeout).await {
+        let served = match router.generate(&model, Arc::new(spec.spec), &opts, &mut tries, self.config.timeout).await {
             Ok(s) => s,
             Err(e) => return fail(e, row, tries),
         };

@@ -89,7 +89,7 @@ impl GenerationsCore {
             .await
             .map_err(|e| Error::Internal(format!("reading a generation: {e}")))?
             .ok_or_else(unknown)?;
-        let modality = self.gate.router.model(&row.model).map_or(Modality::Image, |m| m.modality);
+        let modality = self.gate.router.load().model(&row.model).map_or(Modality::Image, |m| m.modality);
         let window = wait.unwrap_or_else(|| auto_wait(modality));
         let timeout = match super::client_timeout(request.metadata())? {
             Some(t) => t.min(self.gate.request_timeout),

@@ -24,6 +24,7 @@ use crate::{
     auth::{Keys, Principal},
     error::Error,
     limits::{Limiter, Verdict},
+    reload::Swap,
     proto::{chat_server::Chat, openai_json, ChatChunk, ChatCompletion, ChatRequest, Role, Usage},
     routing::{
         stream::{estimate_tokens, RoutedStream},
@@ -43,9 +44,11 @@ pub mod speech;
 /// the rate-limit figures on every answer, and the ledger.
 pub struct Gate {
     pub keys: Arc<Keys>,
-    pub router: Arc<Router>,
+    /// The routing table now (replaced on reload).
+    pub router: Arc<Swap<Router>>,
     pub limiter: Arc<Limiter>,
     pub ledger: Arc<Ledger>,
+    pub metrics: Arc<crate::metrics::Metrics>,
     pub request_timeout: Duration,
 }
 
@@ -98,6 +101,9 @@ impl Gate {
                 self.keys.authenticate(auth).await.map_err(|e| e.to_status())?
             }
         };
+        if let Some(t) = request.extensions().get::<RequestTrace>() {
+            t.1.set_key(&principal.name);
+        }
         Ok(Caller { principal, verdict: None })
     }
 
@@ -128,8 +134,13 @@ impl Gate {
         let principal = caller.principal.clone();
         let model = self
             .router
+            .load()
             .model(ask.model)
             .ok_or_else(|| Error::not_found(format!("model {:?} does not exist", ask.model), Some(ask.model_param)))?;
+        let trace = request.extensions().get::<RequestTrace>();
+        if let Some(t) = trace {
+            t.1.set_model(&model.id);
+        }
         if !ask.modalities.contains(&model.modality) {
             let serves: Vec<&str> = ask.modalities.iter().map(|m| m.as_str()).collect();
             return Err(Error::invalid_param(
@@ -156,10 +167,11 @@ impl Gate {
             .get(META_FAILOVER)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.eq_ignore_ascii_case("off"));
-        let trace = request.extensions().get::<RequestTrace>().map(|t| t.0.clone()).unwrap_or_default();
+        let trace = trace.map(|t| t.0.clone()).unwrap_or_default();
         let estimated_tokens = ask.estimated_tokens;
         let verdict = self.limiter.check(&principal.name, &principal.limits, estimated_tokens).await;
         caller.verdict = Some(verdict);
+        self.metrics.limiter_decision(verdict.allowed);
         if !verdict.allowed {
             return Err(Error::RateLimited {
                 retry_after_secs: verdict.retry_after_secs(),
@@ -239,7 +251,7 @@ impl ChatCore {
         let admitted = self.admit(caller, &request).await?;
         let req = Arc::new(request.into_inner());
         let mut tries = Tries::default();
-        let served = gate.router.complete(&admitted.model, req.clone(), &admitted.opts, &mut tries).await;
+        let served = gate.router.load().complete(&admitted.model, req.clone(), &admitted.opts, &mut tries).await;
         let served = match served {
             Ok(s) => s,
             Err(e) => {
@@ -279,7 +291,7 @@ impl ChatCore {
         let req = Arc::new(request.into_inner());
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
         let mut tries = Tries::default();
-        let served = match gate.router.stream(&admitted.model, req.clone(), admitted.opts.clone(), &mut tries).await {
+        let served = match gate.router.load().stream(&admitted.model, req.clone(), admitted.opts.clone(), &mut tries).await {
             Ok(s) => s,
             Err(e) => {
                 gate.record_failure(&caller.principal, &admitted, &req.model, &tries, &e).await;
@@ -311,23 +323,12 @@ impl ChatCore {
 /// The `switchyard.v1.Models` service: the public models a key may use.
 pub struct ModelsCore {
     keys: Arc<Keys>,
-    models: Vec<crate::proto::ModelInfo>,
+    router: Arc<Swap<Router>>,
 }
 
 impl ModelsCore {
-    pub fn new(keys: Arc<Keys>, config: &crate::config::Config) -> Self {
-        let created = unix_now();
-        let models = config
-            .models
-            .iter()
-            .map(|m| crate::proto::ModelInfo {
-                id: m.id.clone(),
-                created,
-                owned_by: "switchyard".into(),
-                modality: format!("{:?}", m.modality).to_lowercase(),
-            })
-            .collect();
-        ModelsCore { keys, models }
+    pub fn new(keys: Arc<Keys>, router: Arc<Swap<Router>>) -> Self {
+        ModelsCore { keys, router }
     }
 }
 
@@ -341,7 +342,20 @@ impl crate::proto::models_server::Models for ModelsCore {
                 self.keys.authenticate(auth).await.map_err(|e| e.to_status())?
             }
         };
-        let models = self.models.iter().filter(|m| principal.may_use(&m.id)).cloned().collect();
+        if let Some(t) = request.extensions().get::<RequestTrace>() {
+            t.1.set_key(&principal.name);
+        }
+        let router = self.router.load();
+        let models = router
+            .models()
+            .filter(|m| principal.may_use(&m.id))
+            .map(|m| crate::proto::ModelInfo {
+                id: m.id.clone(),
+                created: router.created(),
+                owned_by: "switchyard".into(),
+                modality: m.modality.as_str().to_owned(),
+            })
+            .collect();
         Ok(Response::new(crate::proto::ListModelsResponse { models }))
     }
 }

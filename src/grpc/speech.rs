@@ -81,7 +81,7 @@ impl SpeechCore {
             speed,
         });
         let mut tries = Tries::default();
-        let served = match self.gate.router.synthesize(&model, spec.clone(), &admitted.opts, &mut tries).await {
+        let served = match self.gate.router.load().synthesize(&model, spec.clone(), &admitted.opts, &mut tries).await {
             Ok(s) => s,
             Err(e) => {
                 self.gate.record_failure(&caller.principal, &admitted, &req.model_id, &tries, &e).await;
@@ -140,7 +140,7 @@ impl SpeechCore {
             language: req.language.clone(),
         });
         let mut tries = Tries::default();
-        let served = match self.gate.router.transcribe(&admitted.model, audio, provider, &admitted.opts, &mut tries).await {
+        let served = match self.gate.router.load().transcribe(&admitted.model, audio, provider, &admitted.opts, &mut tries).await {
             Ok(s) => s,
             Err(e) => {
                 self.gate.record_failure(&caller.principal, &admitted, &req.model_id, &tries, &e).await;

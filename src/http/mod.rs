@@ -97,6 +97,37 @@ pub fn router(state: HttpState) -> Router {
         .with_state(state)
 }
 
+/// What `/metrics` reads.
+#[derive(Clone)]
+pub struct MetricsState {
+    pub metrics: Arc<crate::metrics::Metrics>,
+    pub router: Arc<crate::reload::Swap<crate::routing::Router>>,
+    pub ledger: Arc<crate::accounting::Ledger>,
+    pub limiter: Arc<Limiter>,
+    pub readiness: Arc<Readiness>,
+}
+
+/// `GET /metrics`, with no key: on the main port, or alone on
+/// `server.admin_listen`.
+pub fn metrics_router(state: MetricsState) -> Router {
+    Router::new().route("/metrics", get(metrics)).with_state(state)
+}
+
+async fn metrics(State(state): State<MetricsState>) -> Response {
+    let router = state.router.load();
+    let text = state.metrics.render(crate::metrics::Live {
+        router: &router,
+        ledger_queue: state.ledger.queue_depth(),
+        limiter_degraded: state.limiter.is_degraded(),
+        draining: state.readiness.is_draining(),
+    });
+    (
+        [(http::header::CONTENT_TYPE, HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"))],
+        text,
+    )
+        .into_response()
+}
+
 /// Unknown routes: gRPC clients get `UNIMPLEMENTED`, everyone else the
 /// envelope.
 pub async fn fallback(req: Request) -> Response {
@@ -139,6 +170,9 @@ async fn authenticate(State(state): State<HttpState>, mut req: Request, next: Ne
     let auth = req.headers().get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     match state.keys.authenticate(auth).await {
         Ok(principal) => {
+            if let Some(t) = req.extensions().get::<RequestTrace>() {
+                t.1.set_key(&principal.name);
+            }
             req.extensions_mut().insert(principal.clone());
             let mut resp = next.run(req).await;
             // Every response to a recognised key carries its rate-limit
@@ -268,7 +302,7 @@ async fn chat_completions(
 async fn chat(state: HttpState, principal: Arc<Principal>, trace: Option<RequestTrace>, headers: HeaderMap, body: Body) -> Result<Response, Error> {
     let bytes = read_body(&headers, body, state.max_body_bytes).await?;
     let parsed = openai_json::parse_request(&bytes)?;
-    let req = core_request(parsed.request, principal, trace, &headers)?;
+    let req = core_request(parsed.request, principal, trace.clone(), &headers)?;
     if !parsed.stream {
         let resp = match state.core.complete(req).await {
             Ok(r) => r,
@@ -284,7 +318,8 @@ async fn chat(state: HttpState, principal: Arc<Principal>, trace: Option<Request
         Err(status) => return Ok(core_error(&status)),
     };
     let (md, chunks, _) = resp.into_parts();
-    let mut out = Response::new(Body::from_stream(sse_body(chunks)));
+    let outcome = trace.map(|t| t.1);
+    let mut out = Response::new(Body::from_stream(sse_body(chunks, outcome)));
     let h = out.headers_mut();
     h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     h.insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
@@ -304,14 +339,14 @@ async fn chat(state: HttpState, principal: Arc<Principal>, trace: Option<Request
 /// scheduling hop at a time, through hyper's body channel, so a burst from
 /// a zero-latency provider is still written per event: ~20 writes per
 /// benchmark answer.)
-fn sse_body<S>(chunks: S) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> + Send
+fn sse_body<S>(chunks: S, outcome: Option<Arc<crate::metrics::Outcome>>) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> + Send
 where
     S: futures_util::Stream<Item = Result<ChatChunk, tonic::Status>> + Send + Unpin + 'static,
 {
     use futures_util::FutureExt;
     /// Bounds one write, so a long burst still streams.
     const MAX_BATCH_BYTES: usize = 64 * 1024;
-    futures_util::stream::unfold((chunks, false), |(mut chunks, done)| async move {
+    futures_util::stream::unfold((chunks, false, outcome), |(mut chunks, done, outcome)| async move {
         if done {
             return None;
         }
@@ -330,7 +365,11 @@ where
                     false
                 }
                 Some(Err(status)) => {
-                    sse_frame_into(&mut out, &Error::from_status(&status).envelope_bytes());
+                    let e = Error::from_status(&status);
+                    if let Some(o) = &outcome {
+                        o.set_code(e.code());
+                    }
+                    sse_frame_into(&mut out, &e.envelope_bytes());
                     true
                 }
                 None => {
@@ -350,7 +389,7 @@ where
                 None => break false,
             }
         };
-        Some((Ok(Bytes::from(out)), (chunks, done)))
+        Some((Ok(Bytes::from(out)), (chunks, done, outcome)))
     })
 }
 

@@ -131,10 +131,35 @@ pub struct Started {
 
 pub struct Router {
     models: HashMap<String, Arc<Model>>,
+    /// Model ids in config order.
+    order: Vec<String>,
     max_attempts: u32,
     hedge: Hedge,
     mid_stream_failover: bool,
+    /// What a route's live figures were built with.
+    routing: RoutingFigures,
+    created: i64,
+    http: reqwest::Client,
     telemetry: Arc<Telemetry>,
+}
+
+/// The settings a route's [`RouteStats`] are made with: a reload that
+/// changes them starts every route's figures afresh.
+#[derive(Debug, PartialEq)]
+struct RoutingFigures {
+    breaker_threshold: u32,
+    breaker_cooldown: Duration,
+    decay: Duration,
+}
+
+impl RoutingFigures {
+    fn of(config: &Config) -> Self {
+        RoutingFigures {
+            breaker_threshold: config.routing.breaker_threshold,
+            breaker_cooldown: config.routing.breaker_cooldown,
+            decay: config.routing.decay,
+        }
+    }
 }
 
 /// The bookkeeping of one request's attempts, shared by the first attempts
@@ -223,18 +248,45 @@ type Launched<T> = Pin<Box<dyn Future<Output = (u32, Arc<Route>, Attempt, Attemp
 
 impl Router {
     pub fn new(config: &Config, http: reqwest::Client, telemetry: Arc<Telemetry>) -> Router {
+        Router::build(config, http, telemetry, None)
+    }
+
+    /// The router for a reloaded `config`: same upstream client (and its
+    /// pooled connections). A route that is still there, on the same
+    /// provider and upstream model with the same capacity and breaker
+    /// settings, keeps its live figures and its breaker; so does a model's
+    /// retry budget.
+    pub fn reload(&self, config: &Config) -> Router {
+        Router::build(config, self.http.clone(), self.telemetry.clone(), Some(self))
+    }
+
+    fn build(config: &Config, http: reqwest::Client, telemetry: Arc<Telemetry>, previous: Option<&Router>) -> Router {
         let now = Instant::now();
         let adapters: HashMap<&str, (Adapters, &crate::config::ProviderConfig)> =
             config.providers.iter().map(|p| (p.id.as_str(), (providers::adapters(p, http.clone()), p))).collect();
+        let same_routing = previous.is_some_and(|old| old.routing == RoutingFigures::of(config));
         let models = config
             .models
             .iter()
             .map(|m| {
+                let old = previous.and_then(|r| r.models.get(&m.id));
                 let routes = m
                     .routes
                     .iter()
                     .filter_map(|r| {
                         let (adapter, p) = adapters.get(r.provider.as_str())?;
+                        let kept = old
+                            .and_then(|old| old.routes.iter().find(|o| o.provider == r.provider && o.upstream_model == r.upstream_model))
+                            .filter(|o| same_routing && o.stats.max_concurrency() == p.max_concurrency.max(1))
+                            .map(|o| o.stats.clone());
+                        let stats = kept.unwrap_or_else(|| {
+                            Arc::new(RouteStats::with(
+                                p.max_concurrency,
+                                breaker::Breaker::new(config.routing.breaker_threshold, config.routing.breaker_cooldown, Duration::from_secs(60).max(config.routing.breaker_cooldown)),
+                                config.routing.decay,
+                                now,
+                            ))
+                        });
                         Some(Arc::new(Route {
                             provider: r.provider.clone(),
                             kind: p.kind,
@@ -244,35 +296,47 @@ impl Router {
                             idle_timeout: p.idle_timeout,
                             price: r.price.clone(),
                             continuation: r.continuation,
-                            stats: Arc::new(RouteStats::with(
-                                p.max_concurrency,
-                                breaker::Breaker::new(config.routing.breaker_threshold, config.routing.breaker_cooldown, Duration::from_secs(60).max(config.routing.breaker_cooldown)),
-                                config.routing.decay,
-                                now,
-                            )),
+                            stats,
                         }))
                     })
                     .collect();
+                // Retries may add 20% to the model's recent traffic, and
+                // always at least one a second.
+                let budget = old
+                    .and_then(|o| o.budget.lock().ok().map(|b| b.clone()))
+                    .unwrap_or_else(|| budget::RetryBudget::new(Duration::from_secs(10), 1.0, 0.2, now));
                 let model = Model {
                     id: m.id.clone(),
                     modality: m.modality,
                     default_voice: m.default_voice.clone(),
                     max_output_tokens: m.max_output_tokens,
                     routes,
-                    // Retries may add 20% to the model's recent traffic, and
-                    // always at least one a second.
-                    budget: std::sync::Mutex::new(budget::RetryBudget::new(Duration::from_secs(10), 1.0, 0.2, now)),
+                    budget: std::sync::Mutex::new(budget),
                 };
                 (m.id.clone(), Arc::new(model))
             })
             .collect();
         Router {
             models,
+            order: config.models.iter().map(|m| m.id.clone()).collect(),
             max_attempts: config.routing.max_attempts.max(1),
             hedge: config.routing.hedge,
             mid_stream_failover: config.routing.mid_stream_failover,
+            routing: RoutingFigures::of(config),
+            created: crate::storage::unix_now(),
+            http,
             telemetry,
         }
+    }
+
+    /// The public models, in config order.
+    pub fn models(&self) -> impl Iterator<Item = &Arc<Model>> {
+        self.order.iter().filter_map(|id| self.models.get(id))
+    }
+
+    /// When this routing table was built (a model's `created`).
+    pub fn created(&self) -> i64 {
+        self.created
     }
 
     pub fn model(&self, id: &str) -> Option<Arc<Model>> {

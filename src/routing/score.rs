@@ -119,6 +119,10 @@ impl RouteStats {
         }
     }
 
+    pub fn max_concurrency(&self) -> u32 {
+        self.max_concurrency
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding this lock cannot leave the figures
         // inconsistent in a way that matters: keep using them.
