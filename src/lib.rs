@@ -211,6 +211,7 @@ where
         storage: storage.clone(),
         max_body_bytes: config.server.max_body_bytes,
         readiness: readiness.clone(),
+        telemetry: telemetry.clone(),
     };
     let metrics_routes = http::metrics_router(http::MetricsState {
         metrics: metrics.clone(),

@@ -308,6 +308,14 @@ impl Outcome {
         let _ = self.code.set(code);
     }
 
+    pub fn key(&self) -> Option<&str> {
+        self.key.get().map(String::as_str)
+    }
+
+    pub fn model(&self) -> Option<&str> {
+        self.model.get().map(String::as_str)
+    }
+
     pub fn code(&self) -> Option<&'static str> {
         self.code.get().copied()
     }

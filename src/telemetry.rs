@@ -15,7 +15,13 @@
 //! Nothing here ever records a provider secret: spans carry the provider
 //! id, models, outcome and token counts, never headers or bodies.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use axum::{
     body::Body,
@@ -37,6 +43,7 @@ use opentelemetry_sdk::{
     Resource,
 };
 use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
 use tracing_subscriber::{fmt, EnvFilter};
 
 use crate::{
@@ -59,7 +66,7 @@ pub fn init_logs(format: LogFormat) {
     let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).with_span_list(false).try_init(),
     };
 }
 
@@ -73,6 +80,8 @@ pub struct Telemetry {
     tracer: SdkTracer,
     propagator: TraceContextPropagator,
     export: Option<mpsc::Sender<Export>>,
+    /// Whether the last export to the collector failed.
+    export_failing: Arc<AtomicBool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -119,16 +128,30 @@ impl SpanProcessor for QueueProcessor {
 
 /// Exports queued spans in batches, every half second or when a batch is
 /// full; a failed export loses that batch, never blocks the queue.
-async fn export_loop(exporter: opentelemetry_otlp::SpanExporter, mut rx: mpsc::Receiver<Export>) {
+async fn export_loop(exporter: opentelemetry_otlp::SpanExporter, mut rx: mpsc::Receiver<Export>, failing: Arc<AtomicBool>) {
     let mut batch: Vec<SpanData> = Vec::new();
     let mut tick = tokio::time::interval(EXPORT_EVERY);
     let send = |batch: Vec<SpanData>| {
         let fut = exporter.export(batch);
+        let failing = failing.clone();
         async move {
-            match tokio::time::timeout(EXPORT_TIMEOUT, fut).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::debug!("span export failed: {e}"),
-                Err(_) => tracing::debug!("span export timed out"),
+            let failed = match tokio::time::timeout(EXPORT_TIMEOUT, fut).await {
+                Ok(Ok(())) => false,
+                Ok(Err(e)) => {
+                    tracing::debug!("span export failed: {e}");
+                    true
+                }
+                Err(_) => {
+                    tracing::debug!("span export timed out");
+                    true
+                }
+            };
+            if failing.swap(failed, Ordering::Relaxed) != failed {
+                if failed {
+                    tracing::warn!("span export failing; spans are being lost until the collector answers");
+                } else {
+                    tracing::info!("span export working again");
+                }
             }
         }
     };
@@ -167,6 +190,7 @@ impl Telemetry {
         let sampler = Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(config.sample_ratio)));
         let mut builder = SdkTracerProvider::builder().with_resource(resource.clone()).with_sampler(sampler);
         let mut export = None;
+        let export_failing = Arc::new(AtomicBool::new(false));
         if let Some(endpoint) = &config.otlp_endpoint {
             use opentelemetry_otlp::WithExportConfig;
             let mut exporter = opentelemetry_otlp::SpanExporter::builder()
@@ -177,7 +201,7 @@ impl Telemetry {
                 .map_err(|e| TelemetryError(e.to_string()))?;
             exporter.set_resource(&resource);
             let (tx, rx) = mpsc::channel(EXPORT_QUEUE);
-            tokio::spawn(export_loop(exporter, rx));
+            tokio::spawn(export_loop(exporter, rx, export_failing.clone()));
             builder = builder.with_span_processor(QueueProcessor { tx: tx.clone() });
             export = Some(tx);
         }
@@ -187,7 +211,18 @@ impl Telemetry {
             tracer,
             propagator: TraceContextPropagator::new(),
             export,
+            export_failing,
         })
+    }
+
+    /// For `/readyz`: `off` with no collector configured, `degraded` while
+    /// exports to it fail, else `ok`.
+    pub fn export_health(&self) -> &'static str {
+        match (&self.export, self.export_failing.load(Ordering::Relaxed)) {
+            (None, _) => "off",
+            (Some(_), true) => "degraded",
+            (Some(_), false) => "ok",
+        }
     }
 
     /// The span of work done later on behalf of a request (a generation
@@ -349,13 +384,28 @@ struct Finish {
     outcome: Arc<Outcome>,
     /// The response's own error code, if its head carried one.
     code: Option<&'static str>,
+    status: u16,
+    /// The request's log span (request id, trace id).
+    log: tracing::Span,
 }
 
 impl Drop for Finish {
     fn drop(&mut self) {
         self.cx.span().end();
         let code = self.outcome.code().or(self.code).unwrap_or("ok");
-        self.metrics.request(&self.endpoint, &self.outcome, code, self.outcome.elapsed());
+        let elapsed = self.outcome.elapsed();
+        self.metrics.request(&self.endpoint, &self.outcome, code, elapsed);
+        tracing::info!(
+            target: "switchyard::access",
+            parent: &self.log,
+            endpoint = %self.endpoint,
+            model = self.outcome.model().unwrap_or(""),
+            key = self.outcome.key().unwrap_or(""),
+            status = self.status,
+            code,
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            "request"
+        );
     }
 }
 
@@ -405,9 +455,15 @@ pub async fn trace_request(State((telemetry, metrics)): State<(Arc<Telemetry>, A
         KeyValue::new("url.path", path.to_owned()),
     ];
     let cx = telemetry.request_span(req.headers(), name, attributes);
+    // Every log line of the request carries its request id and trace id.
+    let log = tracing::info_span!(
+        "request",
+        request_id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or(""),
+        trace_id = %cx.span().span_context().trace_id(),
+    );
     let outcome = Outcome::new();
     req.extensions_mut().insert(RequestTrace(cx.clone(), outcome.clone()));
-    let resp = next.run(req).await;
+    let resp = next.run(req).instrument(log.clone()).await;
     let (mut parts, body) = resp.into_parts();
     cx.span().set_attribute(KeyValue::new("http.response.status_code", i64::from(parts.status.as_u16())));
     if parts.status.is_server_error() {
@@ -427,6 +483,8 @@ pub async fn trace_request(State((telemetry, metrics)): State<(Arc<Telemetry>, A
         endpoint: endpoint.unwrap_or_else(|| "unknown".into()),
         outcome,
         code,
+        status: parts.status.as_u16(),
+        log,
     };
     let body = Body::new(body.map_frame(move |frame| {
         // A gRPC stream's status comes last, in its trailers.

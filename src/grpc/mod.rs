@@ -313,7 +313,7 @@ impl ChatCore {
             principal: caller.principal.clone(),
             estimated_tokens: admitted.estimated_tokens,
         };
-        tokio::spawn(relay.run(served.value));
+        tokio::spawn(tracing::Instrument::in_current_span(relay.run(served.value)));
         let mut resp = Response::new(ReceiverStream::new(rx));
         served_metadata(&mut resp, &served.route.provider, served.attempts);
         Ok(resp)

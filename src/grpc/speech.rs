@@ -107,7 +107,7 @@ impl SpeechCore {
             ledger: self.gate.ledger.clone(),
             entry: Entry { row, attempts: priced(&tries, chars * served.route.price.per_mchar.unwrap_or(0.0) / 1_000_000.0) },
         };
-        tokio::spawn(relay.run(served.value));
+        tokio::spawn(tracing::Instrument::in_current_span(relay.run(served.value)));
         let mut resp = Response::new(ReceiverStream::new(rx));
         served_metadata(&mut resp, &served.route.provider, served.attempts);
         Ok(resp)

@@ -70,6 +70,7 @@ pub struct HttpState {
     pub storage: Storage,
     pub max_body_bytes: u64,
     pub readiness: Arc<Readiness>,
+    pub telemetry: Arc<crate::telemetry::Telemetry>,
 }
 
 /// The OpenAI-compatible routes. Unknown routes are answered by
@@ -158,6 +159,9 @@ async fn readyz(State(state): State<HttpState>) -> Response {
             "storage": ok(state.storage.ping().await),
             "limits": ok(!state.limiter.is_degraded()),
             "limits_backend": state.limiter.backend_name(),
+            // No collector configured is not a fault.
+            "telemetry": ok(state.telemetry.export_health() != "degraded"),
+            "telemetry_export": state.telemetry.export_health(),
         },
     });
     let status = if draining { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };

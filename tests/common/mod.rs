@@ -22,6 +22,8 @@ pub struct Harness {
     pub sim: SimHandle,
     pub http: reqwest::Client,
     shutdown: Option<oneshot::Sender<()>>,
+    /// Configs sent here are applied as a SIGHUP would apply them.
+    pub reload: tokio::sync::mpsc::Sender<Config>,
     pub task: Option<JoinHandle<Result<(), switchyard::ServeError>>>,
 }
 
@@ -133,14 +135,21 @@ pub async fn start_gateway(sim: SimHandle, config: Config) -> Harness {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(switchyard::serve(listener, config, async move {
-        let _ = rx.await;
-    }));
+    let (reload, reloads) = tokio::sync::mpsc::channel(1);
+    let task = tokio::spawn(switchyard::serve_reloading(
+        listener,
+        config,
+        async move {
+            let _ = rx.await;
+        },
+        reloads,
+    ));
     Harness {
         addr,
         sim,
         http: reqwest::Client::new(),
         shutdown: Some(tx),
+        reload,
         task: Some(task),
     }
 }
