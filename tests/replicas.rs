@@ -1,11 +1,14 @@
-//! Two real gateway processes sharing Redis and PostgreSQL enforce one rate
-//! limit and one budget together.
+//! Real gateway processes: two sharing Redis and PostgreSQL enforce one
+//! rate limit and one budget together; three survive losing one to
+//! SIGKILL mid-traffic; one reloads its config on SIGHUP; JSON logs carry
+//! request and trace ids.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 
 use std::{
+    collections::HashMap,
     io::{BufRead, BufReader},
     process::{Child, Command, Stdio},
     sync::Arc,
@@ -20,6 +23,21 @@ use tokio::net::TcpListener;
 struct Replica {
     child: Child,
     addr: String,
+    /// Its config file (rewritten by reload tests).
+    config: std::path::PathBuf,
+    /// Its log lines so far.
+    logs: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Replica {
+    fn signal(&self, name: &str) {
+        let ok = Command::new("kill").args([&format!("-{name}"), &self.child.id().to_string()]).status().unwrap().success();
+        assert!(ok, "kill -{name}");
+    }
+
+    fn logs(&self) -> Vec<Value> {
+        self.logs.lock().unwrap().iter().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    }
 }
 
 impl Drop for Replica {
@@ -56,14 +74,17 @@ fn replica(config_text: &str) -> Replica {
     // Keep draining its logs so it never blocks on a full pipe.
     // (SWITCHYARD_TEST_LOGS=1 shows them.)
     let show = std::env::var_os("SWITCHYARD_TEST_LOGS").is_some();
+    let logs = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = logs.clone();
     std::thread::spawn(move || {
         for line in lines.map_while(Result::ok) {
             if show {
                 eprintln!("[replica] {line}");
             }
+            kept.lock().unwrap().push(line);
         }
     });
-    Replica { child, addr }
+    Replica { child, addr, config: path, logs }
 }
 
 #[tokio::test]
@@ -264,4 +285,326 @@ async fn generations_outlive_a_killed_process_and_long_polls_cross_processes() {
     storage.close().await;
     drop((b, c));
     schema.drop_now().await;
+}
+
+/// Chat on `oa-1`, images on `rep-1`, limits in Redis, one store; key
+/// names unique to this run (Redis outlives it).
+fn cluster_config(sim: &str, storage: &str, keys: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+request_timeout = "20s"
+shutdown_grace = "1s"
+[storage]
+url = "{storage}"
+[limits]
+backend = "redis://127.0.0.1:6379"
+[generations]
+lease = "1s"
+[[providers]]
+id = "oa-1"
+kind = "openai"
+base_url = "{sim}/p/oa-1/v1"
+api_key = "sk-test-oa-1-secret"
+[[providers]]
+id = "rep-1"
+kind = "replicate"
+base_url = "{sim}/p/rep-1"
+api_key = "r8_test_secret"
+[[models]]
+id = "gpt-4o-mini"
+  [[models.routes]]
+  provider = "oa-1"
+  upstream_model = "gpt-4o-mini"
+  price = {{ input_per_mtok = 1.0, output_per_mtok = 2.0 }}
+[[models]]
+id = "flux"
+modality = "image"
+  [[models.routes]]
+  provider = "rep-1"
+  upstream_model = "black-forest-labs/flux-1.1-pro"
+  price = {{ per_image = 0.04 }}
+{keys}
+"#
+    )
+}
+
+/// One logical request as a client with a list of replicas makes it: on a
+/// refused connection, an error status or a cut-off answer it tries the
+/// next replica with the same `X-Request-Id`. Returns the answer's id and
+/// the number of tries.
+async fn retrying(http: &reqwest::Client, addrs: &[String], first: usize, key: &str, request_id: &str, stream: bool) -> (String, usize) {
+    let body = json!({"model": "gpt-4o-mini", "messages": user(request_id), "stream": stream});
+    for tries in 1..=8 {
+        let addr = &addrs[(first + tries - 1) % addrs.len()];
+        let sent = http
+            .post(format!("http://{addr}/v1/chat/completions"))
+            .bearer_auth(key)
+            .header("x-request-id", request_id)
+            .json(&body)
+            .send()
+            .await;
+        let Ok(resp) = sent else { continue };
+        if resp.status() != 200 {
+            continue;
+        }
+        let Ok(text) = resp.text().await else { continue };
+        let id = if stream {
+            match sse_chunks_lenient(&text) {
+                Some(id) => id,
+                None => continue,
+            }
+        } else {
+            match serde_json::from_str::<Value>(&text) {
+                Ok(v) => v["id"].as_str().unwrap().to_owned(),
+                Err(_) => continue,
+            }
+        };
+        return (id, tries);
+    }
+    panic!("{request_id}: no replica answered in 8 tries");
+}
+
+/// A complete stream's id; `None` for one cut off (no `[DONE]`).
+fn sse_chunks_lenient(body: &str) -> Option<String> {
+    let data = sse_data(body);
+    if data.last().map(String::as_str) != Some("[DONE]") {
+        return None;
+    }
+    let first: Value = serde_json::from_str(data.first()?).ok()?;
+    first["id"].as_str().map(str::to_owned)
+}
+
+#[tokio::test]
+async fn three_replicas_lose_one_to_sigkill_and_nothing_is_lost() {
+    let schema = PgSchema::new().await;
+    let sim = simulator::spawn(TcpListener::bind("127.0.0.1:0").await.unwrap(), Arc::new(SimState::new(SEED, Faults::default()))).unwrap();
+    // Answers take ~100 ms, so some are always in flight; generations 5 s.
+    sim.state.set_faults("oa-1", Faults { latency_ms: Some(20), chunk_delay_ms: Some(5), tokens: Some(16), ..Faults::default() });
+    sim.state.set_faults("rep-1", Faults { predict_ms: Some(5000), ..Faults::default() });
+    let (load, limited, budgeted) = (unique("load"), unique("limited"), unique("budgeted"));
+    let (limited_key, budgeted_key) = (format!("ze_{}", unique("l").replace('-', "_")), format!("ze_{}", unique("b").replace('-', "_")));
+    // One answer costs about 16 µ$ in and 32 µ$ out: the budget fits a few.
+    let keys = format!(
+        "[[keys]]\nname = \"{load}\"\nkey = \"{KEY}\"\n[[keys]]\nname = \"{limited}\"\nkey = \"{limited_key}\"\nrequests_per_minute = 6\n\
+         [[keys]]\nname = \"{budgeted}\"\nkey = \"{budgeted_key}\"\nbudget_usd = 0.00015\n"
+    );
+    let config = cluster_config(&sim.url(), &schema.url, &keys);
+    let http = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
+
+    // Generations started on the replica that will die: it is alone when
+    // they are created, so its worker holds them.
+    let c = replica(&config);
+    let mut jobs = Vec::new();
+    for i in 0..2 {
+        let body = json!({"model": "flux", "input": {"prompt": format!("harbour {i}")}, "wait": 0});
+        let (status, g) = generation(&http, &c.addr, "/v1/generations", KEY, Some(body)).await;
+        assert_eq!(status, 202, "{g}");
+        jobs.push(g["id"].as_str().unwrap().to_owned());
+    }
+    for id in &jobs {
+        until_running(&http, &c.addr, id).await;
+    }
+    let a = replica(&config);
+    let b = replica(&config);
+    let addrs = vec![a.addr.clone(), b.addr.clone(), c.addr.clone()];
+
+    // Load over all three: 8 clients, 15 requests each, sync and streamed;
+    // C is killed once 30 have been answered.
+    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut clients = Vec::new();
+    for client in 0..8 {
+        let (http, addrs, done) = (http.clone(), addrs.clone(), done.clone());
+        clients.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            for n in 0..15 {
+                let request_id = format!("load-{client}-{n}");
+                let (id, tries) = retrying(&http, &addrs, client + n, KEY, &request_id, n % 2 == 0).await;
+                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                out.push((request_id, id, tries));
+            }
+            out
+        }));
+    }
+    while done.load(std::sync::atomic::Ordering::SeqCst) < 30 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut c = c;
+    c.child.kill().unwrap(); // SIGKILL
+    c.child.wait().unwrap();
+    let killed_at = done.load(std::sync::atomic::Ordering::SeqCst);
+    let mut answered = Vec::new();
+    for client in clients {
+        answered.extend(client.await.unwrap());
+    }
+    assert_eq!(answered.len(), 120, "every client request succeeded, retried elsewhere when it had to");
+    assert!(killed_at < 120, "the kill came mid-traffic ({killed_at} answered before it)");
+    assert!(answered.iter().any(|(_, _, tries)| *tries > 1), "some requests had to be retried");
+
+    // Limits and budgets hold across the two left.
+    let post = |addr: &str, key: &str| {
+        http.post(format!("http://{addr}/v1/chat/completions"))
+            .bearer_auth(key.to_owned())
+            .json(&json!({"model": "gpt-4o-mini", "messages": user("Hello")}))
+            .send()
+    };
+    let mut admitted = 0;
+    for i in 0..12 {
+        let r = if i % 2 == 0 { &a } else { &b };
+        if post(&r.addr, &limited_key).await.unwrap().status() == 200 {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 6, "one rate limit across the replicas left");
+    let mut refused_by = std::collections::HashSet::new();
+    for i in 0..40 {
+        match post(&[&a, &b][i % 2].addr, &budgeted_key).await.unwrap().status().as_u16() {
+            200 => {}
+            402 => {
+                refused_by.insert(i % 2);
+            }
+            s => panic!("unexpected {s}"),
+        }
+        if refused_by.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(refused_by.len(), 2, "both replicas refuse the spent budget");
+
+    // The generations the dead replica held are completed by the others.
+    for id in &jobs {
+        let (status, g) = generation(&http, &a.addr, &format!("/v1/generations/{id}?wait=30"), KEY, None).await;
+        assert_eq!(status, 200, "{g}");
+        assert_eq!(g["status"], "completed", "{g}");
+    }
+
+    // The ledger: every answer a client got has exactly one row (rows the
+    // dead replica put in the shared stream are drained by the others,
+    // after CLAIM_IDLE); no row is doubled; a logical request has no more
+    // rows than tries (a try cut off after its row was written is a real,
+    // separate request); the budget's spend is what its rows say.
+    let storage = switchyard::storage::Storage::connect(&schema.url).await.unwrap();
+    let wanted: std::collections::HashSet<&str> = answered.iter().map(|(_, id, _)| id.as_str()).chain(jobs.iter().map(String::as_str)).collect();
+    let mut rows = Vec::new();
+    for _ in 0..300 {
+        rows = storage.ledger_rows(&load).await.unwrap();
+        let have: std::collections::HashSet<&str> = rows.iter().map(|r| r.request_id.as_str()).collect();
+        if wanted.is_subset(&have) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut by_id: HashMap<&str, usize> = HashMap::new();
+    for r in &rows {
+        *by_id.entry(r.request_id.as_str()).or_default() += 1;
+    }
+    for id in &wanted {
+        assert_eq!(by_id.get(id), Some(&1), "answer {id}: one ledger row");
+    }
+    assert!(by_id.values().all(|&n| n == 1), "no row doubled");
+    for (request_id, _, tries) in &answered {
+        let n = rows.iter().filter(|r| r.client_request_id.as_deref() == Some(request_id.as_str())).count();
+        assert!((1..=*tries).contains(&n), "{request_id}: {n} rows for {tries} tries");
+    }
+    for id in &jobs {
+        let row = rows.iter().find(|r| &r.request_id == id).unwrap();
+        assert_eq!(row.outcome, "success");
+        assert!((row.cost_usd - 0.04).abs() < 1e-9);
+    }
+    let spent: f64 = storage.ledger_rows(&budgeted).await.unwrap().iter().map(|r| r.cost_usd).sum();
+    assert!(spent >= 0.00015 && spent < 0.00015 + 0.0001, "the budget stopped spending within one answer of it: {spent}");
+    storage.close().await;
+    drop((a, b));
+    schema.drop_now().await;
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_config_file_and_refuses_an_invalid_one() {
+    let sim = simulator::spawn(TcpListener::bind("127.0.0.1:0").await.unwrap(), Arc::new(SimState::new(SEED, Faults::default()))).unwrap();
+    let keys = format!("[[keys]]\nname = \"k\"\nkey = \"{KEY}\"\n");
+    let config = single_provider_config(&sim.url(), &temp_db_url(), "memory", &keys);
+    let r = replica(&config);
+    let http = reqwest::Client::new();
+    let models = || async {
+        let body: Value = http.get(format!("http://{}/v1/models", r.addr)).bearer_auth(KEY).send().await.unwrap().json().await.unwrap();
+        body["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_owned()).collect::<Vec<_>>()
+    };
+    assert_eq!(models().await, ["gpt-4o-mini", "claude-sonnet-4"]);
+
+    // A valid new file: a model added.
+    let added = config.replace("[[models]]\nid = \"claude-sonnet-4\"", "[[models]]\nid = \"gpt-4o\"\n  [[models.routes]]\n  provider = \"oa-1\"\n  upstream_model = \"gpt-4o\"\n[[models]]\nid = \"claude-sonnet-4\"");
+    std::fs::write(&r.config, &added).unwrap();
+    r.signal("HUP");
+    let mut now = Vec::new();
+    for _ in 0..100 {
+        now = models().await;
+        if now.len() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(now, ["gpt-4o-mini", "gpt-4o", "claude-sonnet-4"]);
+
+    // An invalid one: refused, logged with its problem, the running config kept.
+    std::fs::write(&r.config, added.replace("provider = \"oa-1\"\n  upstream_model = \"gpt-4o\"", "provider = \"nowhere\"\n  upstream_model = \"gpt-4o\"")).unwrap();
+    r.signal("HUP");
+    let mut refused = None;
+    for _ in 0..100 {
+        refused = r.logs().into_iter().find(|l| l["message"] == "config reload refused; the running config stays");
+        if refused.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let refused = refused.expect("the refusal is logged");
+    assert_eq!(refused["level"], "ERROR");
+    assert!(refused["problem"].as_str().unwrap().contains("nowhere"), "{refused}");
+    assert_eq!(models().await, ["gpt-4o-mini", "gpt-4o", "claude-sonnet-4"], "the running config stays");
+    let resp = http
+        .post(format!("http://{}/v1/chat/completions", r.addr))
+        .bearer_auth(KEY)
+        .json(&json!({"model": "gpt-4o", "messages": user("Hello")}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "still serving, on the last good config");
+}
+
+#[tokio::test]
+async fn json_logs_carry_the_request_id_and_trace_id() {
+    let sim = simulator::spawn(TcpListener::bind("127.0.0.1:0").await.unwrap(), Arc::new(SimState::new(SEED, Faults::default()))).unwrap();
+    // A provider that fails, so the request logs a warning of its own.
+    sim.state.set_faults("oa-1", Faults { status: Some(503), ..Faults::default() });
+    let keys = format!("[[keys]]\nname = \"k\"\nkey = \"{KEY}\"\n");
+    let r = replica(&single_provider_config(&sim.url(), &temp_db_url(), "memory", &keys));
+    let resp = reqwest::Client::new()
+        .post(format!("http://{}/v1/chat/completions", r.addr))
+        .bearer_auth(KEY)
+        .header("x-request-id", "req-json-logs-1")
+        .json(&json!({"model": "gpt-4o-mini", "messages": user("Hello")}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 502);
+    let trace_id = resp.headers()["traceparent"].to_str().unwrap().split('-').nth(1).unwrap().to_owned();
+    let mut mine = Vec::new();
+    for _ in 0..100 {
+        mine = r.logs().into_iter().filter(|l| l["span"]["request_id"] == "req-json-logs-1").collect();
+        if mine.iter().any(|l| l["target"] == "switchyard::access") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let failed = mine.iter().find(|l| l["level"] == "WARN").unwrap_or_else(|| panic!("the attempt's warning: {mine:#?}"));
+    assert_eq!(failed["span"]["trace_id"], trace_id.as_str());
+    assert_eq!(failed["provider"], "oa-1");
+    let access = mine.iter().find(|l| l["target"] == "switchyard::access").expect("an access log line");
+    assert_eq!(access["span"]["trace_id"], trace_id.as_str());
+    assert_eq!(access["status"], 502);
+    assert_eq!(access["code"], "provider_unavailable");
+    assert_eq!(access["model"], "gpt-4o-mini");
+    assert_eq!(access["key"], "k");
+    assert!(!r.logs.lock().unwrap().iter().any(|l| l.contains("sk-test-oa-1-secret")), "no provider secret in the logs");
 }
