@@ -514,7 +514,7 @@ async fn three_replicas_lose_one_to_sigkill_and_nothing_is_lost() {
         assert!((row.cost_usd - 0.04).abs() < 1e-9);
     }
     let spent: f64 = storage.ledger_rows(&budgeted).await.unwrap().iter().map(|r| r.cost_usd).sum();
-    assert!(spent >= 0.00015 && spent < 0.00015 + 0.0001, "the budget stopped spending within one answer of it: {spent}");
+    assert!((0.00015..0.00025).contains(&spent), "the budget stopped spending within two answers of it: {spent}");
     storage.close().await;
     drop((a, b));
     schema.drop_now().await;
