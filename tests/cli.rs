@@ -116,3 +116,36 @@ fn demo_answers_its_own_curl_line() {
     assert!(text.contains("chat.completion.chunk"), "{text}");
     assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
 }
+
+/// The configs shipped in `deploy/` (compose's file, the Kubernetes
+/// ConfigMap's embedded file) pass `check`, with their variables set.
+#[test]
+fn check_accepts_the_deploy_configs() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let compose = std::fs::read_to_string(format!("{root}/deploy/compose/switchyard.toml")).unwrap();
+    let (code, _, err) = check(&compose, &[("SWITCHYARD_LEDGER_JOURNAL", "/tmp/compose.ledger.jsonl")]);
+    assert_eq!(code, 0, "compose: {err}");
+
+    let configmap = std::fs::read_to_string(format!("{root}/deploy/k8s/configmap.yaml")).unwrap();
+    let embedded: String = configmap
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("switchyard.toml: |"))
+        .skip(1)
+        .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
+        .collect();
+    assert!(embedded.contains("[server]"), "the ConfigMap embeds a config");
+    let env = [
+        ("OPENAI_API_KEY", "sk-1"),
+        ("TOGETHER_API_KEY", "t-1"),
+        ("ANTHROPIC_API_KEY", "a-1"),
+        ("REPLICATE_API_TOKEN", "r8-1"),
+        ("ELEVENLABS_API_KEY", "el-1"),
+        ("DEEPGRAM_API_KEY", "dg-1"),
+        ("SWITCHYARD_ADMIN_KEY", "ze_admin_key_0123456789"),
+        ("SWITCHYARD_DATABASE_URL", "postgres://u:p@db:5432/switchyard"),
+        ("SWITCHYARD_REDIS_URL", "redis://redis:6379"),
+        ("SWITCHYARD_LEDGER_JOURNAL", "/tmp/k8s.ledger.jsonl"),
+    ];
+    let (code, _, err) = check(&embedded, &env);
+    assert_eq!(code, 0, "configmap: {err}");
+}
