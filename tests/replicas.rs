@@ -87,6 +87,50 @@ fn replica(config_text: &str) -> Replica {
     Replica { child, addr, config: path, logs }
 }
 
+/// Sends one chat request to `addr` with `key`; its status.
+async fn chat_status(http: &reqwest::Client, addr: &str, key: &str) -> u16 {
+    http.post(format!("http://{addr}/v1/chat/completions"))
+        .bearer_auth(key)
+        .json(&json!({"model": "gpt-4o-mini", "messages": user("Hello")}))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// Of `n` requests sent to `addrs` in turn, how many were admitted.
+async fn admitted_in_turn(http: &reqwest::Client, addrs: [&str; 2], key: &str, n: usize) -> usize {
+    let mut admitted = 0;
+    for i in 0..n {
+        if chat_status(http, addrs[i % 2], key).await == 200 {
+            admitted += 1;
+        }
+    }
+    admitted
+}
+
+/// Spends a budgeted key through `addrs` in turn until both refuse it
+/// (402); how many answers were served. Paced so the ledger keeps up.
+async fn served_until_both_refuse(http: &reqwest::Client, addrs: [&str; 2], key: &str) -> usize {
+    let mut served = 0;
+    let mut refused_by = std::collections::HashSet::new();
+    for i in 0..40 {
+        match chat_status(http, addrs[i % 2], key).await {
+            200 => served += 1,
+            402 => {
+                refused_by.insert(i % 2);
+            }
+            s => panic!("unexpected {s}"),
+        }
+        if refused_by.len() == 2 {
+            return served;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    panic!("both replicas should refuse the spent budget ({served} served)");
+}
+
 #[tokio::test]
 async fn two_processes_enforce_one_limit_and_one_budget() {
     let schema = PgSchema::new().await;
@@ -106,38 +150,8 @@ async fn two_processes_enforce_one_limit_and_one_budget() {
     let a = replica(&config(()));
     let b = replica(&config(()));
     let http = reqwest::Client::new();
-    let post = |addr: &str, key: &str| {
-        http.post(format!("http://{addr}/v1/chat/completions"))
-            .bearer_auth(key)
-            .json(&json!({"model": "gpt-4o-mini", "messages": user("Hello")}))
-            .send()
-    };
-    let mut admitted = 0;
-    for i in 0..10 {
-        let r = if i % 2 == 0 { &a } else { &b };
-        if post(&r.addr, &limited).await.unwrap().status() == 200 {
-            admitted += 1;
-        }
-    }
-    assert_eq!(admitted, 5, "one limit across two processes");
-
-    let mut served = 0;
-    let mut refused_by = std::collections::HashSet::new();
-    for i in 0..30 {
-        let r = if i % 2 == 0 { &a } else { &b };
-        match post(&r.addr, &budgeted).await.unwrap().status().as_u16() {
-            200 => served += 1,
-            402 => {
-                refused_by.insert(i % 2);
-            }
-            s => panic!("unexpected {s}"),
-        }
-        if refused_by.len() == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-    assert_eq!(refused_by.len(), 2, "both processes refuse the spent budget");
+    assert_eq!(admitted_in_turn(&http, [&a.addr, &b.addr], &limited, 10).await, 5, "one limit across two processes");
+    let served = served_until_both_refuse(&http, [&a.addr, &b.addr], &budgeted).await;
     assert!((4..=5).contains(&served), "one budget across two processes: {served} answers where four fit (the fourth starts under the budget)");
 
     // A key minted and revoked through the CLI: refused by both within seconds.
@@ -151,12 +165,12 @@ async fn two_processes_enforce_one_limit_and_one_budget() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let minted = String::from_utf8(out.stdout).unwrap().trim().to_owned();
     for r in [&a, &b] {
-        assert_eq!(post(&r.addr, &minted).await.unwrap().status(), 200);
+        assert_eq!(chat_status(&http, &r.addr, &minted).await, 200);
     }
     assert!(cli(&["keys", "revoke", &name]).status.success());
     let started = std::time::Instant::now();
     loop {
-        let (sa, sb) = (post(&a.addr, &minted).await.unwrap().status(), post(&b.addr, &minted).await.unwrap().status());
+        let (sa, sb) = (chat_status(&http, &a.addr, &minted).await, chat_status(&http, &b.addr, &minted).await);
         if sa == 401 && sb == 401 {
             break;
         }
@@ -443,35 +457,8 @@ async fn three_replicas_lose_one_to_sigkill_and_nothing_is_lost() {
     assert!(answered.iter().any(|(_, _, tries)| *tries > 1), "some requests had to be retried");
 
     // Limits and budgets hold across the two left.
-    let post = |addr: &str, key: &str| {
-        http.post(format!("http://{addr}/v1/chat/completions"))
-            .bearer_auth(key.to_owned())
-            .json(&json!({"model": "gpt-4o-mini", "messages": user("Hello")}))
-            .send()
-    };
-    let mut admitted = 0;
-    for i in 0..12 {
-        let r = if i % 2 == 0 { &a } else { &b };
-        if post(&r.addr, &limited_key).await.unwrap().status() == 200 {
-            admitted += 1;
-        }
-    }
-    assert_eq!(admitted, 6, "one rate limit across the replicas left");
-    let mut refused_by = std::collections::HashSet::new();
-    for i in 0..40 {
-        match post(&[&a, &b][i % 2].addr, &budgeted_key).await.unwrap().status().as_u16() {
-            200 => {}
-            402 => {
-                refused_by.insert(i % 2);
-            }
-            s => panic!("unexpected {s}"),
-        }
-        if refused_by.len() == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-    assert_eq!(refused_by.len(), 2, "both replicas refuse the spent budget");
+    assert_eq!(admitted_in_turn(&http, [&a.addr, &b.addr], &limited_key, 12).await, 6, "one rate limit across the replicas left");
+    served_until_both_refuse(&http, [&a.addr, &b.addr], &budgeted_key).await;
 
     // The generations the dead replica held are completed by the others.
     for id in &jobs {
