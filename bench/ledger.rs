@@ -9,14 +9,18 @@
 use std::time::{Duration, Instant};
 
 use switchyard::{
-    accounting::{redis_stream::stream_key, Entry, Ledger, LedgerRow},
+    accounting::{redis_stream::stream_key, AttemptRow, Entry, Ledger, LedgerRow},
     storage::Storage,
 };
 
 fn entry(i: usize) -> Entry {
+    entry_with_id(format!("bench-{i}-{}", rand::random::<u64>()))
+}
+
+fn entry_with_id(request_id: String) -> Entry {
     Entry {
         row: LedgerRow {
-            request_id: format!("bench-{i}-{}", rand::random::<u64>()),
+            request_id: request_id.clone(),
             client_request_id: Some("client-id".into()),
             key_name: "bench".into(),
             model: "gpt-4o-mini".into(),
@@ -35,8 +39,30 @@ fn entry(i: usize) -> Entry {
             unit: None,
             units: 0.0,
         },
-        attempts: vec![],
+        attempts: vec![AttemptRow {
+            attempt: 1,
+            provider: "openai-east".into(),
+            upstream_model: "gpt-4o-mini-2024-07-18".into(),
+            outcome: "success".into(),
+            input_tokens: 812,
+            output_tokens: 256,
+            provider_cost_usd: 0.000_275,
+        }],
     }
+}
+
+/// The database writer's cost per entry (a row and its attempt), in
+/// batches of `batch` as the ledger writer sends them.
+async fn writer(label: &str, storage: &Storage, batches: usize, batch: usize, id: impl Fn(usize) -> String) {
+    let mut busy = Duration::ZERO;
+    for b in 0..batches {
+        let entries: Vec<Entry> = (0..batch).map(|i| entry_with_id(id(b * batch + i))).collect();
+        let t = Instant::now();
+        storage.insert_entries(&entries).await.expect("insert");
+        busy += t.elapsed();
+    }
+    let n = batches * batch;
+    println!("| {label} | {n} | {batch} | {:.1} |", busy.as_secs_f64() * 1e6 / n as f64);
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -76,5 +102,17 @@ async fn main() {
     measure("Redis stream (one XADD)", &shared, 5_000).await;
     drop(shared);
     tokio::time::sleep(Duration::from_millis(500)).await;
+
+    println!();
+    println!("| database writer (SQLite) | entries | per batch | µs per entry |");
+    println!("|---|---|---|---|");
+    let random = |_| format!("chatcmpl-{}", rand::distr::SampleString::sample_string(&rand::distr::Alphanumeric, &mut rand::rng(), 24));
+    for batch in [50, 250, 1000] {
+        writer("random ids", &storage, 100_000 / batch, batch, random).await;
+    }
+    let ordered = |i: usize| format!("chatcmpl-{:012x}{}", 1_700_000_000_000u64 + i as u64, rand::distr::SampleString::sample_string(&rand::distr::Alphanumeric, &mut rand::rng(), 12));
+    for batch in [50, 250, 1000] {
+        writer("time-ordered ids", &storage, 100_000 / batch, batch, ordered).await;
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

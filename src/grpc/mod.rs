@@ -407,8 +407,28 @@ pub(crate) fn client_timeout(md: &tonic::metadata::MetadataMap) -> Result<Option
     }))
 }
 
+/// A new request (or job) id: `prefix-` and 24 characters, the first 8 the
+/// time in milliseconds (base 62, so ids sort by creation) and 16 random.
+/// Ordered ids go in at the end of the ledger's indexes instead of at
+/// random pages: the SQLite writer spends 6–10 µs an entry on them against
+/// 50–60 µs on random ones (`cargo bench --bench ledger`).
 pub(crate) fn new_id(prefix: &str) -> String {
-    format!("{prefix}-{}", Alphanumeric.sample_string(&mut rand::rng(), 24))
+    const DIGITS: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let mut ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default();
+    let mut time = [b'0'; 8];
+    for slot in time.iter_mut().rev() {
+        *slot = DIGITS[(ms % 62) as usize];
+        ms /= 62;
+    }
+    let mut id = String::with_capacity(prefix.len() + 25);
+    id.push_str(prefix);
+    id.push('-');
+    id.extend(time.iter().map(|&b| char::from(b)));
+    id.push_str(&Alphanumeric.sample_string(&mut rand::rng(), 16));
+    id
 }
 
 pub(crate) fn unix_now() -> i64 {
@@ -533,5 +553,19 @@ impl Relay {
                 return End::ClientLeft;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ids_sort_by_creation_and_differ() {
+        let a = super::new_id("chatcmpl");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let b = super::new_id("chatcmpl");
+        assert!(a < b, "{a} {b}");
+        assert_eq!(a.len(), "chatcmpl-".len() + 24);
+        assert!(a["chatcmpl-".len()..].bytes().all(|c| c.is_ascii_alphanumeric()));
+        assert_ne!(super::new_id("x"), super::new_id("x"));
     }
 }
