@@ -104,13 +104,25 @@ pub enum ServeError {
 
 /// The upstream HTTP client: pooled, with connect and keep-alive bounds.
 /// Per-attempt deadlines are the router's, not the client's.
+///
+/// Idle connections are capped per host. Uncapped, the pool kept every
+/// connection a burst ever opened (a request that finds none idle dials a
+/// new one, and keeps it even when an idle one came back first): a
+/// benchmark left 13,000 idle connections to one provider, whose accept
+/// queue then overflowed, and new dials waited out SYN retransmits (1 s,
+/// 2 s): the half-load p99 spikes of BENCHMARKS.md.
 pub fn upstream_client() -> Result<reqwest::Client, reqwest::Error> {
     reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(10))
         .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(MAX_IDLE_PER_HOST)
         .tcp_nodelay(true)
         .build()
 }
+
+/// Idle upstream connections kept per host: enough for a burst of several
+/// hundred requests to find one warm.
+const MAX_IDLE_PER_HOST: usize = 256;
 
 /// Serves the gateway on `listener` until `shutdown` resolves, then stops
 /// accepting, reports not-ready, and lets in-flight requests and streams
