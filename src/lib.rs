@@ -213,7 +213,7 @@ where
         .prepare()
         .into_axum_router();
 
-    let state = HttpState {
+    let state = HttpState::new(http::HttpShared {
         core,
         models,
         generations: generations_core,
@@ -224,7 +224,7 @@ where
         max_body_bytes: config.server.max_body_bytes,
         readiness: readiness.clone(),
         telemetry: telemetry.clone(),
-    };
+    });
     let metrics_routes = http::metrics_router(http::MetricsState {
         metrics: metrics.clone(),
         router: router.clone(),

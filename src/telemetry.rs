@@ -61,13 +61,23 @@ pub enum LogFormat {
 }
 
 /// Installs the global log subscriber (the binary's, once; tests don't).
-pub fn init_logs(format: LogFormat) {
+///
+/// Lines are written to stderr by a background thread, in batches: a
+/// request never waits on a `write` to stderr (an access line per request
+/// cost 12% of peak throughput written inline). If the writer falls
+/// behind by more than 128k lines, lines are dropped rather than requests
+/// slowed. Keep the guard until exit: dropping it flushes what is queued.
+pub fn init_logs(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
+    // Colours only for a person at a terminal, never into a file or a pipe.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = fmt().with_env_filter(filter).with_ansi(ansi).with_writer(writer);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).with_span_list(false).try_init(),
     };
+    guard
 }
 
 /// The request's trace context, put in request extensions by

@@ -59,8 +59,26 @@ impl Readiness {
     }
 }
 
+/// What the handlers share; one `Arc`, since axum clones the state for
+/// every request (and every layer that holds it).
 #[derive(Clone)]
-pub struct HttpState {
+pub struct HttpState(Arc<HttpShared>);
+
+impl HttpState {
+    pub fn new(shared: HttpShared) -> Self {
+        HttpState(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for HttpState {
+    type Target = HttpShared;
+
+    fn deref(&self) -> &HttpShared {
+        &self.0
+    }
+}
+
+pub struct HttpShared {
     pub core: Arc<ChatCore>,
     pub models: Arc<ModelsCore>,
     pub generations: Arc<crate::grpc::generations::GenerationsCore>,
