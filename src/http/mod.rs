@@ -357,10 +357,10 @@ async fn chat(state: HttpState, principal: Arc<Principal>, trace: Option<Request
 /// Events already waiting when the body is polled go out together, in one
 /// write (the held-back preamble and the first content, a continuation's
 /// failover comment and its first chunk), and the first event is never
-/// held back for company. (Upstream chunks otherwise reach the relay one
-/// scheduling hop at a time, through hyper's body channel, so a burst from
-/// a zero-latency provider is still written per event: ~20 writes per
-/// benchmark answer.)
+/// held back for company. Upstream chunks reach the relay one scheduling
+/// hop at a time, through hyper's body channel, so after the first write
+/// the body yields once to let a burst arrive whole (a zero-latency
+/// provider's answer went out in ~20 writes, one per event).
 fn sse_body<S>(chunks: S, outcome: Option<Arc<crate::metrics::Outcome>>) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>> + Send
 where
     S: futures_util::Stream<Item = Result<ChatChunk, tonic::Status>> + Send + Unpin + 'static,
@@ -368,11 +368,12 @@ where
     use futures_util::FutureExt;
     /// Bounds one write, so a long burst still streams.
     const MAX_BATCH_BYTES: usize = 64 * 1024;
-    futures_util::stream::unfold((chunks, false, outcome), |(mut chunks, done, outcome)| async move {
+    futures_util::stream::unfold((chunks, false, outcome, false), |(mut chunks, done, outcome, started)| async move {
         if done {
             return None;
         }
         let mut out = Vec::new();
+        let mut yielded = false;
         let mut next = chunks.next().await;
 
         let done = loop {
@@ -405,13 +406,27 @@ where
             if out.len() >= MAX_BATCH_BYTES {
                 break false;
             }
-            // Only what is ready now; otherwise write what we have.
+            // Only what is ready now; otherwise write what we have. After
+            // the first write, once, let the runtime run what is ready
+            // before deciding (`yield_now` resumes this task only when the
+            // other ready tasks have run): the upstream body, decoded a
+            // chunk per task hop, catches up, and a burst goes out in one
+            // write instead of one per event. The first event is never
+            // held back.
             match chunks.next().now_or_never() {
                 Some(item) => next = item,
+                None if started && !yielded => {
+                    yielded = true;
+                    tokio::task::yield_now().await;
+                    match chunks.next().now_or_never() {
+                        Some(item) => next = item,
+                        None => break false,
+                    }
+                }
                 None => break false,
             }
         };
-        Some((Ok(Bytes::from(out)), (chunks, done, outcome)))
+        Some((Ok(Bytes::from(out)), (chunks, done, outcome, true)))
     })
 }
 
