@@ -103,6 +103,7 @@ const EXIT_CONFIG: u8 = 2;
 
 /// mimalloc rather than glibc's allocator: the request path makes many
 /// small, short-lived allocations on several threads.
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
