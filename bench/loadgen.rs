@@ -231,13 +231,21 @@ where
             let mut due = started;
             let mut tasks = Vec::new();
             let mut i = 0usize;
+            // At most `conns` in flight, as a pool of that many connections
+            // would allow: a request due while all are busy waits, and its
+            // wait counts in its latency (measured from when it was due).
+            // Unbounded, a brief stall made the client open thousands of
+            // connections and the target ran out of file descriptors.
+            let in_flight = Arc::new(tokio::sync::Semaphore::new(conns.max(1)));
             while due < end {
                 tokio::time::sleep_until(due.into()).await;
+                let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
                 i += 1;
                 let one = one.clone();
                 let samples = samples.clone();
                 tasks.push(tokio::spawn(async move {
                     let r = one(i % conns.max(1), due).await;
+                    drop(permit);
                     record(&samples, r);
                 }));
                 due += interval;
