@@ -183,20 +183,10 @@ async fn two_processes_enforce_one_limit_and_one_budget() {
 
 /// One Replicate provider and an image model on `storage`, with a short
 /// lease so a dead process's job is retaken quickly.
-fn generation_config(sim: &str, storage: &str) -> String {
-    let journal = temp_journal();
+/// The Replicate provider `rep-1` and the image model `flux` on it.
+fn flux(sim: &str) -> String {
     format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-request_timeout = "40s"
-shutdown_grace = "1s"
-[storage]
-url = "{storage}"
-ledger_journal = "{journal}"
-[generations]
-lease = "1s"
-[[providers]]
+        r#"[[providers]]
 id = "rep-1"
 kind = "replicate"
 base_url = "{sim}/p/rep-1"
@@ -208,7 +198,25 @@ modality = "image"
   provider = "rep-1"
   upstream_model = "black-forest-labs/flux-1.1-pro"
   price = {{ per_image = 0.04 }}
-[[keys]]
+"#
+    )
+}
+
+fn generation_config(sim: &str, storage: &str) -> String {
+    let journal = temp_journal();
+    let flux = flux(sim);
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+request_timeout = "40s"
+shutdown_grace = "1s"
+[storage]
+url = "{storage}"
+ledger_journal = "{journal}"
+[generations]
+lease = "1s"
+{flux}[[keys]]
 name = "gen"
 key = "{KEY}"
 [[keys]]
@@ -304,6 +312,7 @@ async fn generations_outlive_a_killed_process_and_long_polls_cross_processes() {
 /// Chat on `oa-1`, images on `rep-1`, limits in Redis, one store; key
 /// names unique to this run (Redis outlives it).
 fn cluster_config(sim: &str, storage: &str, keys: &str) -> String {
+    let flux = flux(sim);
     format!(
         r#"
 [server]
@@ -321,25 +330,13 @@ id = "oa-1"
 kind = "openai"
 base_url = "{sim}/p/oa-1/v1"
 api_key = "sk-test-oa-1-secret"
-[[providers]]
-id = "rep-1"
-kind = "replicate"
-base_url = "{sim}/p/rep-1"
-api_key = "r8_test_secret"
 [[models]]
 id = "gpt-4o-mini"
   [[models.routes]]
   provider = "oa-1"
   upstream_model = "gpt-4o-mini"
   price = {{ input_per_mtok = 1.0, output_per_mtok = 2.0 }}
-[[models]]
-id = "flux"
-modality = "image"
-  [[models.routes]]
-  provider = "rep-1"
-  upstream_model = "black-forest-labs/flux-1.1-pro"
-  price = {{ per_image = 0.04 }}
-{keys}
+{flux}{keys}
 "#
     )
 }
