@@ -5,7 +5,8 @@
 //! ```text
 //!  socket ── axum::serve (HTTP/1.1 + h2c on one port)
 //!    │        └─ request_id layer: X-Request-Id in, X-Request-Id out
-//!    │        └─ trace layer: the request's span, traceparent out
+//!    │        └─ trace layer: the request's span and log span (request and
+//!    │           trace ids), traceparent out; its metrics once the body ends
 //!    ├─ /v1/...  http/       OpenAI JSON façade: route → key (before the body)
 //!    │                       → body limit → JSON (strict where the API is) → proto
 //!    │                       │ calls the generated service traits, like any gRPC client
@@ -124,9 +125,10 @@ pub fn upstream_client() -> Result<reqwest::Client, reqwest::Error> {
 /// hundred requests to find one warm.
 const MAX_IDLE_PER_HOST: usize = 256;
 
-/// Serves the gateway on `listener` until `shutdown` resolves, then stops
-/// accepting, reports not-ready, and lets in-flight requests and streams
-/// finish for up to `server.shutdown_grace`.
+/// Serves the gateway on `listener` until `shutdown` resolves; then reports
+/// not ready (`/readyz` 503, gRPC health `NOT_SERVING`) while still serving
+/// for `server.drain_delay`, stops accepting, and lets in-flight requests
+/// and streams finish for up to `server.shutdown_grace`.
 pub async fn serve<F>(listener: TcpListener, config: Config, shutdown: F) -> Result<(), ServeError>
 where
     F: Future<Output = ()> + Send + 'static,
