@@ -250,12 +250,14 @@ async fn a_reload_serves_new_requests_on_the_new_config_and_lets_streams_finish(
     assert_eq!(streaming.status(), 200);
     assert_eq!(streaming.headers()["x-switchyard-provider"], "oa-1");
 
-    // The new config: gpt-4o-mini is gone, gpt-4o (on oa-2) is new, the
-    // claude-only key is gone and the other key may use gpt-* only.
+    // The new config: gpt-4o-mini is gone, gpt-4o (on oa-2, priced) is new,
+    // the claude-only key is gone and the other key may use gpt-* only, at
+    // 1,000 requests a minute.
     let new = edited(&h, |t| {
         t.replace("id = \"gpt-4o-mini\"\n  [[models.routes]]\n  provider = \"oa-1\"\n  upstream_model = \"gpt-4o-mini-2024-07-18\"\n", "id = \"gpt-4o\"\n")
+            .replace("upstream_model = \"gpt-4o-mini\"\n", "upstream_model = \"gpt-4o-mini\"\n  price = { input_per_mtok = 1000.0, output_per_mtok = 1000.0 }\n")
             .replace("[[keys]]\nname = \"claude-only\"\nkey = \"ze_test_key_claude_only\"\nmodels = [\"claude-*\"]", "")
-            .replace("name = \"all\"\nkey = \"ze_test_key_all_models\"", "name = \"all\"\nkey = \"ze_test_key_all_models\"\nmodels = [\"gpt-*\"]")
+            .replace("name = \"all\"\nkey = \"ze_test_key_all_models\"", "name = \"all\"\nkey = \"ze_test_key_all_models\"\nmodels = [\"gpt-*\"]\nrequests_per_minute = 1000")
     });
     h.reload.send(new).await.unwrap();
     eventually_async(|| async { model_ids(&h, KEY).await == ["gpt-4o"] }).await;
@@ -263,6 +265,21 @@ async fn a_reload_serves_new_requests_on_the_new_config_and_lets_streams_finish(
     let (status, headers, body) = h.chat(&json!({"model": "gpt-4o", "messages": user("Hello")})).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(headers["x-switchyard-provider"], "oa-2");
+    assert_eq!(headers["x-ratelimit-limit"], "1000", "the key's new limit applies");
+    // Charged at the new price: $0.001 a token.
+    let storage = switchyard::storage::Storage::connect(&h.storage_url).await.unwrap();
+    let id = body["id"].as_str().unwrap();
+    let mut row = None;
+    for _ in 0..100 {
+        row = storage.ledger_rows("all").await.unwrap().into_iter().find(|r| r.request_id == id);
+        if row.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let row = row.expect("the answer's ledger row");
+    let tokens = body["usage"]["prompt_tokens"].as_f64().unwrap() + body["usage"]["completion_tokens"].as_f64().unwrap();
+    assert!((row.cost_usd - tokens / 1000.0).abs() < 1e-9, "{} for {tokens} tokens", row.cost_usd);
     let (status, _, body) = h.chat(&json!({"model": "gpt-4o-mini", "messages": user("Hello")})).await;
     assert_eq!(status, 404, "{body}");
     let (status, _, _) = h.chat(&json!({"model": "claude-sonnet-4", "messages": user("Hello")})).await;

@@ -24,6 +24,8 @@ pub struct Harness {
     shutdown: Option<oneshot::Sender<()>>,
     /// Configs sent here are applied as a SIGHUP would apply them.
     pub reload: tokio::sync::mpsc::Sender<Config>,
+    /// The store the gateway was started on.
+    pub storage_url: String,
     pub task: Option<JoinHandle<Result<(), switchyard::ServeError>>>,
 }
 
@@ -136,6 +138,7 @@ pub async fn start_gateway(sim: SimHandle, config: Config) -> Harness {
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = oneshot::channel::<()>();
     let (reload, reloads) = tokio::sync::mpsc::channel(1);
+    let storage_url = config.storage.url.clone();
     let task = tokio::spawn(switchyard::serve_reloading(
         listener,
         config,
@@ -150,6 +153,7 @@ pub async fn start_gateway(sim: SimHandle, config: Config) -> Harness {
         http: reqwest::Client::new(),
         shutdown: Some(tx),
         reload,
+        storage_url,
         task: Some(task),
     }
 }
