@@ -94,24 +94,6 @@ impl Error {
         Row { code, http, grpc, kind }
     }
 
-    /// The public code spelled `code`, as the table's own `&'static str`
-    /// (`internal_error` for anything else): for labelling what another
-    /// component reported as a string.
-    pub fn static_code(code: &str) -> &'static str {
-        const CODES: [&str; 9] = [
-            "invalid_input",
-            "unauthenticated",
-            "insufficient_quota",
-            "permission_denied",
-            "not_found",
-            "rate_limited",
-            "internal_error",
-            "provider_unavailable",
-            "timeout",
-        ];
-        CODES.into_iter().find(|c| *c == code).unwrap_or("internal_error")
-    }
-
     pub fn invalid(message: impl Into<String>, param: impl Into<Option<String>>) -> Self {
         Error::InvalidInput {
             message: message.into(),

@@ -184,21 +184,19 @@ impl Metrics {
 
     /// One finished request.
     pub fn request(&self, endpoint: &str, outcome: &Outcome, code: &'static str, elapsed: Duration) {
-        let model = outcome.model.get().cloned().unwrap_or_default();
+        let latency = LatencyLabels {
+            endpoint: endpoint.to_owned(),
+            model: outcome.model.get().cloned().unwrap_or_default(),
+        };
+        self.duration.get_or_create(&latency).observe(elapsed.as_secs_f64());
         self.requests
             .get_or_create(&RequestLabels {
-                endpoint: endpoint.to_owned(),
-                model: model.clone(),
+                endpoint: latency.endpoint,
+                model: latency.model,
                 key: outcome.key.get().cloned().unwrap_or_default(),
                 code,
             })
             .inc();
-        self.duration
-            .get_or_create(&LatencyLabels {
-                endpoint: endpoint.to_owned(),
-                model,
-            })
-            .observe(elapsed.as_secs_f64());
     }
 
     /// Attempts, failovers and time to first content of one routed request.
@@ -279,28 +277,32 @@ pub struct Live<'a> {
 /// What the core learns about a request for its metrics: who asked, for
 /// which model, and the error code of an error it sent in-band (a stream
 /// that failed after its status line).
-#[derive(Default, Debug)]
+#[derive(Debug)]
 pub struct Outcome {
     key: OnceLock<String>,
     model: OnceLock<String>,
     code: OnceLock<&'static str>,
-    started: Option<Instant>,
+    started: Instant,
 }
 
 impl Outcome {
     pub fn new() -> Arc<Outcome> {
         Arc::new(Outcome {
-            started: Some(Instant::now()),
-            ..Outcome::default()
+            key: OnceLock::new(),
+            model: OnceLock::new(),
+            code: OnceLock::new(),
+            started: Instant::now(),
         })
     }
 
+    /// The key's name (the first one set counts: the façade and the core
+    /// both know it).
     pub fn set_key(&self, name: &str) {
-        let _ = self.key.set(name.to_owned());
+        self.key.get_or_init(|| name.to_owned());
     }
 
     pub fn set_model(&self, id: &str) {
-        let _ = self.model.set(id.to_owned());
+        self.model.get_or_init(|| id.to_owned());
     }
 
     /// The request failed with `code` (the first one set counts).
@@ -321,7 +323,7 @@ impl Outcome {
     }
 
     pub fn elapsed(&self) -> Duration {
-        self.started.map_or(Duration::ZERO, |s| s.elapsed())
+        self.started.elapsed()
     }
 }
 

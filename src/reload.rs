@@ -46,9 +46,9 @@ pub struct Reloader {
 }
 
 impl Reloader {
-    /// Applies a validated config; returns the sections that differ but
-    /// need a restart (and were left as they were).
-    pub fn apply(&self, new: Config) -> Vec<&'static str> {
+    /// Applies a validated config; sections that differ but need a restart
+    /// are left as they were, with a warning naming each.
+    pub fn apply(&self, new: Config) {
         let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
         let router = self.router.load().reload(&new);
         self.router.store(Arc::new(router));
@@ -85,6 +85,5 @@ impl Reloader {
             tracing::warn!(section, "config reload: [{section}] changed but needs a restart; it was left as it was");
         }
         *current = kept;
-        ignored
     }
 }

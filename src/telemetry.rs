@@ -419,24 +419,11 @@ impl Drop for Finish {
     }
 }
 
-/// A gRPC status in headers or trailers, as the public code: ours from
-/// `switchyard-error-code`, else what its gRPC code means.
+/// A gRPC error in headers or trailers, as its public code: read back
+/// the way the HTTP façade reads the core's errors ([`Error::from_status`]).
 fn grpc_code(headers: &http::HeaderMap) -> Option<&'static str> {
-    let status = headers.get("grpc-status")?.as_bytes();
-    if status == b"0" {
-        return None;
-    }
-    Some(match headers.get("switchyard-error-code").and_then(|v| v.to_str().ok()) {
-        Some(code) => Error::static_code(code),
-        None => match status {
-            b"12" => "not_found",
-            b"3" | b"11" => "invalid_input",
-            b"16" => "unauthenticated",
-            b"4" => "timeout",
-            b"14" => "provider_unavailable",
-            _ => "internal_error",
-        },
-    })
+    let status = tonic::Status::from_header_map(headers)?;
+    (status.code() != tonic::Code::Ok).then(|| Error::from_status(&status).code())
 }
 
 /// Middleware: a span for every request, its context in the request's
