@@ -498,32 +498,36 @@ fn report(results: &std::path::Path, out: &std::path::Path) {
         }
         md.push('\n');
     }
-    // The targets of issue 7, each against this run's figure.
-    let added_at_half = |kind: &str, field: &str| -> Option<f64> {
-        let g = rows.iter().find(|r| r["kind"] == kind && r["label"] == "gateway @ half peak")?;
-        let d = rows.iter().find(|r| r["kind"] == kind && r["label"] == "simulator @ half gateway peak")?;
+    // The targets of issue 7, each against this run's figure, for the
+    // gateway as configured by default and with HTTP/2 to its providers.
+    let added_at_half = |kind: &str, field: &str, gw: &str| -> Option<f64> {
+        let g = find(kind, &format!("{gw} @ half peak"))?;
+        let d = rows.iter().find(|r| r["kind"] == kind && r["label"].as_str().is_some_and(|l| l.starts_with("simulator @ half")) && r["offered_rps"] == g["offered_rps"])?;
         Some((g[field].as_f64()? - d[field].as_f64()?) / 1000.0)
     };
-    let ratio = match (find("wrk-sync", "gateway"), find("wrk-sync", "nginx")) {
+    let ratio = |gw: &str| match (find("wrk-sync", gw), find("wrk-sync", "nginx")) {
         (Some(g), Some(n)) => g["rps"].as_f64().zip(n["rps"].as_f64()).map(|(g, n)| g / n),
         _ => None,
     };
-    let rss = rows.iter().find(|r| r["kind"] == "hold").and_then(|r| r["rss_bytes"].as_f64()).map(|b| b / 1_048_576.0);
+    let rss = |gw: &str| find("hold", gw).and_then(|r| r["rss_bytes"].as_f64()).map(|b| b / 1_048_576.0);
     let verdict = |v: Option<f64>, ok: fn(f64) -> bool, fmt: &dyn Fn(f64) -> String| match v {
         Some(v) => format!("{} | {}", fmt(v), if ok(v) { "met" } else { "**not met**" }),
         None => "– | not measured".to_owned(),
     };
-    md.push_str("## Targets\n\n| target | this run | |\n|---|---|---|\n");
-    md.push_str(&format!("| sync throughput ≥ 0.7× nginx on the same core | {} |\n", verdict(ratio, |v| v >= 0.7, &|v| format!("{v:.2}×"))));
-    md.push_str(&format!(
-        "| added p99 < 1 ms at half the gateway's peak (sync) | {} |\n",
-        verdict(added_at_half("http-sync", "p99_us"), |v| v < 1.0, &|v| format!("{v:+.2} ms"))
-    ));
-    md.push_str(&format!(
-        "| streaming TTFT overhead < 0.5 ms at p99 (half peak) | {} |\n",
-        verdict(added_at_half("http-stream", "ttft_p99_us"), |v| v < 0.5, &|v| format!("{v:+.2} ms"))
-    ));
-    md.push_str(&format!("| 10,000 open streams < 300 MB resident | {} |\n\n", verdict(rss, |v| v < 300.0, &|v| format!("{v:.0} MB"))));
+    let gateways = ["gateway", "gateway (HTTP/2 upstream)"];
+    md.push_str(&format!("## Targets\n\n| target | {} | | {} | |\n|---|---|---|---|---|\n", gateways[0], gateways[1]));
+    let line = |md: &mut String, target: &str, cell: &dyn Fn(&str) -> String| {
+        md.push_str(&format!("| {target} | {} | {} |\n", cell(gateways[0]), cell(gateways[1])));
+    };
+    line(&mut md, "sync throughput ≥ 0.7× nginx on the same core", &|gw| verdict(ratio(gw), |v| v >= 0.7, &|v| format!("{v:.2}×")));
+    line(&mut md, "added p99 < 1 ms at half the gateway's peak (sync)", &|gw| {
+        verdict(added_at_half("http-sync", "p99_us", gw), |v| v < 1.0, &|v| format!("{v:+.2} ms"))
+    });
+    line(&mut md, "streaming TTFT overhead < 0.5 ms at p99 (half peak)", &|gw| {
+        verdict(added_at_half("http-stream", "ttft_p99_us", gw), |v| v < 0.5, &|v| format!("{v:+.2} ms"))
+    });
+    line(&mut md, "10,000 open streams < 300 MB resident", &|gw| verdict(rss(gw), |v| v < 300.0, &|v| format!("{v:.0} MB")));
+    md.push('\n');
     if let Some(m) = meta {
         if let Some(notes) = m["notes"].as_str() {
             md.push_str(notes);

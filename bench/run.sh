@@ -22,6 +22,7 @@ LOAD_CORE=${LOAD_CORE:-0}
 SIM_PORT=19090
 GW_PORT=18080
 GW_OFF_PORT=18082
+GW_H2_PORT=18083
 NGINX_PORT=18081
 OTLP_PORT=14317
 export BENCH_KEY=ze_bench_key_0000000000000000
@@ -50,14 +51,16 @@ on_proxy() { taskset -c "$PROXY_CORE" "$@"; }
 wait_up() { for _ in $(seq 1 100); do curl -fs "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "bench: $1 did not come up" >&2; exit 1; }
 
 # The gateway's config: limiter, ledger and tracing on (the "off" variant
-# drops them). Streams held open go to a prefix whose answers trickle.
-gateway_config() { # port, with_extras(0|1)
+# drops them; the "HTTP/2 upstream" one speaks h2c to the simulator).
+# Streams held open go to a prefix whose answers trickle.
+gateway_config() { # port, with_extras(0|1), provider protocol
     local extras_key="requests_per_minute = 100000000
 tokens_per_minute = 100000000000"
     local telemetry="[telemetry]
 otlp_endpoint = \"http://127.0.0.1:$OTLP_PORT\"
 sample_ratio = 1.0"
     if [ "$2" = 0 ]; then extras_key=""; telemetry=""; fi
+    local protocol="protocol = \"${3:-auto}\""
     cat <<EOF
 [server]
 listen = "127.0.0.1:$1"
@@ -71,12 +74,14 @@ id = "sim"
 kind = "openai"
 base_url = "http://127.0.0.1:$SIM_PORT/v1"
 max_concurrency = 100000
+$protocol
 [[providers]]
 id = "sim-trickle"
 kind = "openai"
 base_url = "http://127.0.0.1:$SIM_PORT/f/chunk_delay_ms=3000,tokens=40/v1"
 max_concurrency = 100000
 idle_timeout = "30s"
+$protocol
 [[models]]
 id = "gpt-4o-mini"
   [[models.routes]]
@@ -100,21 +105,26 @@ on_load "$LOAD" otlp-sink --port "$OTLP_PORT" & PIDS+=($!)
 on_load "$BIN" simulate --port "$SIM_PORT" --profile fast 2>"$WORK/sim.log" & PIDS+=($!)
 gateway_config "$GW_PORT" 1 > "$WORK/gw.toml"
 gateway_config "$GW_OFF_PORT" 0 > "$WORK/gw-off.toml"
+gateway_config "$GW_H2_PORT" 1 http2 > "$WORK/gw-h2.toml"
 (cd "$WORK" && exec taskset -c "$PROXY_CORE" "$OLDPWD/$BIN" serve --config gw.toml 2>gw.log) & GW_PID=$!; PIDS+=($GW_PID)
 (cd "$WORK" && exec taskset -c "$PROXY_CORE" "$OLDPWD/$BIN" serve --config gw-off.toml 2>gw-off.log) & PIDS+=($!)
+(cd "$WORK" && exec taskset -c "$PROXY_CORE" "$OLDPWD/$BIN" serve --config gw-h2.toml 2>gw-h2.log) & GW_H2_PID=$!; PIDS+=($GW_H2_PID)
 cp bench/nginx.conf "$WORK/nginx.conf"
 on_proxy nginx -p "$WORK" -c "$WORK/nginx.conf" -g 'daemon off;' & PIDS+=($!)
 wait_up "http://127.0.0.1:$GW_PORT/healthz"
 wait_up "http://127.0.0.1:$GW_OFF_PORT/healthz"
+wait_up "http://127.0.0.1:$GW_H2_PORT/healthz"
 wait_up "http://127.0.0.1:$NGINX_PORT/_sim/stats"
 
 SIM="http://127.0.0.1:$SIM_PORT"
 GW="http://127.0.0.1:$GW_PORT"
 GW_OFF="http://127.0.0.1:$GW_OFF_PORT"
+GW_H2="http://127.0.0.1:$GW_H2_PORT"
+H2="gateway (HTTP/2 upstream)"
 NGINX="http://127.0.0.1:$NGINX_PORT"
 
 # Warm every path (connection pools, the scorer, the page cache).
-for url in "$SIM" "$GW" "$GW_OFF" "$NGINX"; do
+for url in "$SIM" "$GW" "$GW_OFF" "$GW_H2" "$NGINX"; do
     on_load "$LOAD" http --url "$url" --key "$BENCH_KEY" --conns 16 --duration 2s >/dev/null
 done
 
@@ -128,17 +138,21 @@ wrk_run simulator "$SIM"
 wrk_run nginx "$NGINX"
 wrk_run gateway "$GW"
 wrk_run "gateway (limits, tracing off)" "$GW_OFF"
+wrk_run "$H2" "$GW_H2"
 
 echo "bench: sync and streaming chat with loadgen" >&2
 for stream in "" "--stream"; do
     load http --url "$SIM" --conns "$CONNS" $stream --label simulator
     load http --url "$NGINX" --conns "$CONNS" $stream --label nginx
-    load http --url "$GW" --conns "$CONNS" $stream --label gateway
-    # Half the gateway's peak, offered to the gateway and to the simulator.
-    peak=$(tail -n1 "$RESULTS" | sed -E 's/.*"rps":([0-9.]+).*/\1/')
-    half=$(awk -v p="$peak" 'BEGIN { printf "%d", p / 2 }')
-    load http --url "$SIM" --conns "$CONNS" $stream --rate "$half" --label "simulator @ half gateway peak"
-    load http --url "$GW" --conns "$CONNS" $stream --rate "$half" --label "gateway @ half peak"
+    for gw in "gateway $GW" "$H2 $GW_H2"; do
+        label=${gw% *} url=${gw##* }
+        load http --url "$url" --conns "$CONNS" $stream --label "$label"
+        # Half this gateway's peak, offered to it and to the simulator.
+        peak=$(tail -n1 "$RESULTS" | sed -E 's/.*"rps":([0-9.]+).*/\1/')
+        half=$(awk -v p="$peak" 'BEGIN { printf "%d", p / 2 }')
+        load http --url "$SIM" --conns "$CONNS" $stream --rate "$half" --label "simulator @ half $label peak"
+        load http --url "$url" --conns "$CONNS" $stream --rate "$half" --label "$label @ half peak"
+    done
 done
 
 echo "bench: gRPC" >&2
@@ -151,10 +165,12 @@ done
 
 echo "bench: $HOLD streams held open" >&2
 on_load "$LOAD" hold --url "$GW" --key "$BENCH_KEY" --n "$HOLD" --model trickle --pid "$GW_PID" --label gateway >> "$RESULTS"
+sleep 2
+on_load "$LOAD" hold --url "$GW_H2" --key "$BENCH_KEY" --n "$HOLD" --model trickle --pid "$GW_H2_PID" --label "$H2" >> "$RESULTS"
 
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')
 printf '{"kind":"meta","date":"%s","machine":"%s, %s cores","pinning":"proxy on core %s; simulator, wrk and loadgen on core %s; %s per run, %s connections","notes":"%s"}\n' \
     "$(date -u +%Y-%m-%d)" "$cpu" "$(nproc)" "$PROXY_CORE" "$LOAD_CORE" "$DURATION" "$CONNS" \
-    "The gateway runs with its rate limiter (in memory), ledger (SQLite, journal) and tracing (every span exported over OTLP to a sink) on; the 'limits, tracing off' row drops the limiter and tracing. gRPC rows have no direct baseline: the simulator speaks HTTP only." >> "$RESULTS"
+    "The gateway runs with its rate limiter (in memory), ledger (SQLite, journal) and tracing (every span exported over OTLP to a sink) on; the 'limits, tracing off' row drops the limiter and tracing; the 'HTTP/2 upstream' rows run the full gateway with protocol = http2 on its providers (h2c to the simulator; nginx cannot proxy to HTTP/2). gRPC rows have no direct baseline: the simulator speaks HTTP only." >> "$RESULTS"
 "$LOAD" report --results "$RESULTS" --out BENCHMARKS.md
 echo "bench: wrote BENCHMARKS.md" >&2

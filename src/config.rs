@@ -279,6 +279,25 @@ pub struct ProviderConfig {
     pub timeout: Duration,
     #[serde(default = "default_idle_timeout", deserialize_with = "de::duration")]
     pub idle_timeout: Duration,
+    /// The HTTP version spoken to this provider.
+    #[serde(default)]
+    pub protocol: UpstreamProtocol,
+}
+
+/// How the gateway talks HTTP to a provider.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 to `http://` URLs; on `https://`, HTTP/2 when the provider
+    /// offers it (ALPN), else HTTP/1.1.
+    #[default]
+    Auto,
+    /// HTTP/1.1 only: one connection per request in flight.
+    Http1,
+    /// HTTP/2 only (prior knowledge on `http://`): every request to the
+    /// provider is a stream on one shared connection, capped by the
+    /// provider's own concurrent-stream limit.
+    Http2,
 }
 
 fn default_max_concurrency() -> u32 {
@@ -670,6 +689,15 @@ models = ["gpt-*"]
         assert!(parse_duration("30").is_err());
         let text = EXAMPLE.replace("\"120s\"", "\"soon\"");
         assert!(Config::parse(&text, "t").unwrap_err()[0].to_string().contains("server.request_timeout"));
+    }
+
+    #[test]
+    fn a_providers_protocol_is_auto_unless_named() {
+        assert_eq!(Config::parse(EXAMPLE, "t").unwrap().providers[0].protocol, UpstreamProtocol::Auto);
+        let text = EXAMPLE.replace("api_key = \"sk-secret\"", "api_key = \"sk-secret\"\nprotocol = \"http2\"");
+        assert_eq!(Config::parse(&text, "t").unwrap().providers[0].protocol, UpstreamProtocol::Http2);
+        let msg = Config::parse(&text.replace("\"http2\"", "\"http3\""), "t").unwrap_err()[0].to_string();
+        assert!(msg.contains("providers[0].protocol") && msg.contains("http3"), "{msg}");
     }
 
     #[test]

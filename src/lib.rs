@@ -103,28 +103,6 @@ pub enum ServeError {
     Ledger(#[from] accounting::LedgerError),
 }
 
-/// The upstream HTTP client: pooled, with connect and keep-alive bounds.
-/// Per-attempt deadlines are the router's, not the client's.
-///
-/// Idle connections are capped per host. Uncapped, the pool kept every
-/// connection a burst ever opened (a request that finds none idle dials a
-/// new one, and keeps it even when an idle one came back first): a
-/// benchmark left 13,000 idle connections to one provider, whose accept
-/// queue then overflowed, and new dials waited out SYN retransmits (1 s,
-/// 2 s): the half-load p99 spikes of BENCHMARKS.md.
-pub fn upstream_client() -> Result<reqwest::Client, reqwest::Error> {
-    reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(10))
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(MAX_IDLE_PER_HOST)
-        .tcp_nodelay(true)
-        .build()
-}
-
-/// Idle upstream connections kept per host: enough for a burst of several
-/// hundred requests to find one warm.
-const MAX_IDLE_PER_HOST: usize = 256;
-
 /// Serves the gateway on `listener` until `shutdown` resolves; then reports
 /// not ready (`/readyz` 503, gRPC health `NOT_SERVING`) while still serving
 /// for `server.drain_delay`, stops accepting, and lets in-flight requests
@@ -154,7 +132,7 @@ where
         .starts_with("redis")
         .then(|| (config.limits.backend.as_str(), accounting::redis_stream::stream_key(&config.storage.url)));
     let ledger = Ledger::open(&config.storage.journal_path(), storage.clone(), redis)?;
-    let router = Arc::new(reload::Swap::new(Router::new(&config, upstream_client()?, telemetry.clone())));
+    let router = Arc::new(reload::Swap::new(Router::new(&config, providers::Clients::new()?, telemetry.clone())));
     let metrics = Arc::new(metrics::Metrics::new(&[proto::FILE_DESCRIPTOR_SET, tonic_health::pb::FILE_DESCRIPTOR_SET]));
     ledger.metrics.set(metrics.clone());
     let gate = Arc::new(Gate {

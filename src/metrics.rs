@@ -376,7 +376,7 @@ mod tests {
             attempts: vec![attempt(1, "c", "failure")],
         });
         let text = m.render(Live {
-            router: &Router::new(&crate::Config::default(), reqwest::Client::new(), Arc::new(crate::telemetry::Telemetry::new(&Default::default()).unwrap())),
+            router: &Router::new(&crate::Config::default(), crate::providers::Clients::new().unwrap(), Arc::new(crate::telemetry::Telemetry::new(&Default::default()).unwrap())),
             ledger_queue: 3,
             limiter_degraded: false,
             draining: false,

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 
 use crate::{
-    config::{ProviderConfig, ProviderKind, Secret},
+    config::{ProviderConfig, ProviderKind, Secret, UpstreamProtocol},
     error::{UpstreamError, UpstreamErrorKind},
     proto::{ChatChunk, ChatCompletion, ChatRequest},
 };
@@ -212,12 +212,12 @@ pub struct Adapters {
 }
 
 /// Builds every adapter a provider's kind has.
-pub fn adapters(config: &ProviderConfig, http: reqwest::Client) -> Adapters {
+pub fn adapters(config: &ProviderConfig, clients: &Clients) -> Adapters {
     let upstream = Upstream {
         id: config.id.clone(),
         base_url: config.base_url.trim_end_matches('/').to_owned(),
         api_key: config.api_key.clone(),
-        http,
+        http: clients.for_protocol(config.protocol).clone(),
         timeout: config.timeout,
     };
     match config.kind {
@@ -246,6 +246,62 @@ pub fn adapters(config: &ProviderConfig, http: reqwest::Client) -> Adapters {
             stt: Some(Arc::new(deepgram::Deepgram::new(upstream))),
             ..Adapters::default()
         },
+    }
+}
+
+/// The upstream HTTP clients, one per [`UpstreamProtocol`], each pooled
+/// with connect and keep-alive bounds; providers on the same protocol share
+/// one. Per-attempt deadlines are the router's, not the client's.
+///
+/// Idle connections are capped per host. Uncapped, the pool kept every
+/// connection a burst ever opened (a request that finds none idle dials a
+/// new one, and keeps it even when an idle one came back first): a
+/// benchmark left 13,000 idle connections to one provider, whose accept
+/// queue then overflowed, and new dials waited out SYN retransmits (1 s,
+/// 2 s): the half-load p99 spikes of BENCHMARKS.md.
+///
+/// Over HTTP/2 a provider's requests are streams on one connection, so a
+/// stream in flight costs no connection of its own (hyper's HTTP/1.1
+/// client holds about 25 KB a connection: the 10,000-stream figure of
+/// BENCHMARKS.md).
+#[derive(Clone)]
+pub struct Clients {
+    auto: reqwest::Client,
+    http1: reqwest::Client,
+    http2: reqwest::Client,
+}
+
+/// Idle upstream connections kept per host: enough for a burst of several
+/// hundred requests to find one warm.
+const MAX_IDLE_PER_HOST: usize = 256;
+
+impl Clients {
+    pub fn new() -> Result<Clients, reqwest::Error> {
+        let builder = || {
+            reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(10))
+                .pool_idle_timeout(Duration::from_secs(90))
+                .pool_max_idle_per_host(MAX_IDLE_PER_HOST)
+                .tcp_nodelay(true)
+        };
+        Ok(Clients {
+            auto: builder().build()?,
+            http1: builder().http1_only().build()?,
+            http2: builder()
+                .http2_prior_knowledge()
+                // A dead connection is found before a request waits on it.
+                .http2_keep_alive_interval(Duration::from_secs(20))
+                .http2_keep_alive_timeout(Duration::from_secs(10))
+                .build()?,
+        })
+    }
+
+    pub fn for_protocol(&self, protocol: UpstreamProtocol) -> &reqwest::Client {
+        match protocol {
+            UpstreamProtocol::Auto => &self.auto,
+            UpstreamProtocol::Http1 => &self.http1,
+            UpstreamProtocol::Http2 => &self.http2,
+        }
     }
 }
 

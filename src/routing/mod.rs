@@ -139,7 +139,7 @@ pub struct Router {
     /// What a route's live figures were built with.
     routing: RoutingFigures,
     created: i64,
-    http: reqwest::Client,
+    http: providers::Clients,
     telemetry: Arc<Telemetry>,
 }
 
@@ -247,7 +247,7 @@ type AttemptFuture<T> = Pin<Box<dyn Future<Output = Result<T, UpstreamError>> + 
 type Launched<T> = Pin<Box<dyn Future<Output = (u32, Arc<Route>, Attempt, AttemptSpan, Result<T, UpstreamError>)> + Send>>;
 
 impl Router {
-    pub fn new(config: &Config, http: reqwest::Client, telemetry: Arc<Telemetry>) -> Router {
+    pub fn new(config: &Config, http: providers::Clients, telemetry: Arc<Telemetry>) -> Router {
         Router::build(config, http, telemetry, None)
     }
 
@@ -260,10 +260,10 @@ impl Router {
         Router::build(config, self.http.clone(), self.telemetry.clone(), Some(self))
     }
 
-    fn build(config: &Config, http: reqwest::Client, telemetry: Arc<Telemetry>, previous: Option<&Router>) -> Router {
+    fn build(config: &Config, http: providers::Clients, telemetry: Arc<Telemetry>, previous: Option<&Router>) -> Router {
         let now = Instant::now();
         let adapters: HashMap<&str, (Adapters, &crate::config::ProviderConfig)> =
-            config.providers.iter().map(|p| (p.id.as_str(), (providers::adapters(p, http.clone()), p))).collect();
+            config.providers.iter().map(|p| (p.id.as_str(), (providers::adapters(p, &http), p))).collect();
         let same_routing = previous.is_some_and(|old| old.routing == RoutingFigures::of(config));
         let models = config
             .models

@@ -203,6 +203,9 @@ pub struct Stats {
     pub streams_completed: u64,
     /// Streams whose reader went away before the end.
     pub streams_cancelled: u64,
+    /// Requests that came over HTTP/2.
+    #[serde(default)]
+    pub http2_requests: u64,
 }
 
 /// How many recorded requests are kept (oldest dropped first).
@@ -215,6 +218,7 @@ pub struct SimState {
     named: Mutex<HashMap<String, Faults>>,
     recorded: Mutex<VecDeque<Recorded>>,
     requests: AtomicU64,
+    http2_requests: AtomicU64,
     streams_started: AtomicU64,
     streams_completed: AtomicU64,
     streams_cancelled: AtomicU64,
@@ -232,6 +236,7 @@ impl SimState {
             named: Mutex::default(),
             recorded: Mutex::default(),
             requests: AtomicU64::new(0),
+            http2_requests: AtomicU64::new(0),
             streams_started: AtomicU64::new(0),
             streams_completed: AtomicU64::new(0),
             streams_cancelled: AtomicU64::new(0),
@@ -257,6 +262,7 @@ impl SimState {
             streams_started: self.streams_started.load(Ordering::SeqCst),
             streams_completed: self.streams_completed.load(Ordering::SeqCst),
             streams_cancelled: self.streams_cancelled.load(Ordering::SeqCst),
+            http2_requests: self.http2_requests.load(Ordering::SeqCst),
         }
     }
 
@@ -709,14 +715,22 @@ pub async fn run(listener: TcpListener, state: Arc<SimState>) {
     if let Ok(addr) = listener.local_addr() {
         let _ = state.addr.set(addr);
     }
-    let app = app(state);
+    let app = app(state.clone());
+    // HTTP/1.1 and h2c. A real provider caps streams per HTTP/2 connection
+    // (100 to 256); this one does not, so one gateway connection can carry
+    // a benchmark's 10,000 streams.
+    let mut http = auto::Builder::new(TokioExecutor::new());
+    http.http2().max_concurrent_streams(None);
     loop {
         let Ok((tcp, _)) = listener.accept().await else { continue };
         let _ = tcp.set_nodelay(true);
-        let app = app.clone();
+        let (app, http, state) = (app.clone(), http.clone(), state.clone());
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 let app = app.clone();
+                if req.version() == hyper::Version::HTTP_2 {
+                    state.http2_requests.fetch_add(1, Ordering::SeqCst);
+                }
                 async move {
                     let resp = app.oneshot(req.map(Body::new)).await.unwrap_or_else(|e: Infallible| match e {});
                     if resp.extensions().get::<ResetConnection>().is_some() {
@@ -725,7 +739,7 @@ pub async fn run(listener: TcpListener, state: Arc<SimState>) {
                     Ok::<_, std::io::Error>(resp)
                 }
             });
-            let _ = auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(tcp), svc).await;
+            let _ = http.serve_connection(TokioIo::new(tcp), svc).await;
         });
     }
 }
