@@ -23,6 +23,7 @@ SIM_PORT=19090
 GW_PORT=18080
 GW_OFF_PORT=18082
 GW_H2_PORT=18083
+GW_LEAN_PORT=18084
 NGINX_PORT=18081
 OTLP_PORT=14317
 export BENCH_KEY=ze_bench_key_0000000000000000
@@ -167,6 +168,13 @@ echo "bench: $HOLD streams held open" >&2
 on_load "$LOAD" hold --url "$GW" --key "$BENCH_KEY" --n "$HOLD" --model trickle --pid "$GW_PID" --label gateway >> "$RESULTS"
 sleep 2
 on_load "$LOAD" hold --url "$GW_H2" --key "$BENCH_KEY" --n "$HOLD" --model trickle --pid "$GW_H2_PID" --label "$H2" >> "$RESULTS"
+# The same, without transparent huge pages: mimalloc backs its arenas with
+# 2 MB pages by default, which a few KB a stream leave mostly untouched.
+sleep 2
+gateway_config "$GW_LEAN_PORT" 1 http2 > "$WORK/gw-lean.toml"
+(cd "$WORK" && MIMALLOC_ALLOW_THP=0 exec taskset -c "$PROXY_CORE" "$OLDPWD/$BIN" serve --config gw-lean.toml 2>gw-lean.log) & GW_LEAN_PID=$!; PIDS+=($GW_LEAN_PID)
+wait_up "http://127.0.0.1:$GW_LEAN_PORT/healthz"
+on_load "$LOAD" hold --url "http://127.0.0.1:$GW_LEAN_PORT" --key "$BENCH_KEY" --n "$HOLD" --model trickle --pid "$GW_LEAN_PID" --label "$H2, MIMALLOC_ALLOW_THP=0" >> "$RESULTS"
 
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')
 printf '{"kind":"meta","date":"%s","machine":"%s, %s cores","pinning":"proxy on core %s; simulator, wrk and loadgen on core %s; %s per run, %s connections","notes":"%s"}\n' \
