@@ -184,20 +184,17 @@ impl Storage {
 
     /// Inserts ledger entries, each only if its request id is absent.
     ///
-    /// Rows go in as multi-row statements (a few hundred rows each), in one
-    /// transaction: per-row statements cost a round trip each, which on a
-    /// busy gateway showed as a fifth of its CPU (SQLite's worker thread
-    /// and the wake-ups to reach it).
+    /// Rows go in as multi-row statements, in one transaction: per-row
+    /// statements cost a round trip each, which on a busy gateway showed as
+    /// a fifth of its CPU (SQLite's worker thread and the wake-ups to reach
+    /// it). See [`statements`] for their sizes.
     pub async fn insert_entries(&self, entries: &[crate::accounting::Entry]) -> Result<(), StorageError> {
-        // 18 and 8 binds a row: well under SQLite's 32,766 and PostgreSQL's
-        // 65,535 per statement.
-        const ROWS_PER_STATEMENT: usize = 500;
         let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         let attempts: Vec<(&str, &crate::accounting::AttemptRow)> =
             entries.iter().flat_map(|e| e.attempts.iter().map(move |a| (e.row.request_id.as_str(), a))).collect();
         on_pool!(self, pool => {
             let mut tx = pool.begin().await?;
-            for chunk in entries.chunks(ROWS_PER_STATEMENT) {
+            for chunk in statements(entries) {
                 let mut q = sqlx::QueryBuilder::new(
                     "INSERT INTO ledger (request_id, client_request_id, key_name, model, provider, upstream_model, input_tokens, \
                      output_tokens, cached_tokens, cost_usd, latency_ms, ttft_ms, attempts, outcome, error_code, created_at, unit, units) ",
@@ -226,7 +223,7 @@ impl Storage {
                 q.push(" ON CONFLICT (request_id) DO NOTHING");
                 q.build().execute(&mut *tx).await?;
             }
-            for chunk in attempts.chunks(ROWS_PER_STATEMENT) {
+            for chunk in statements(&attempts) {
                 let mut q = sqlx::QueryBuilder::new(
                     "INSERT INTO ledger_attempts (request_id, attempt, provider, upstream_model, outcome, input_tokens, output_tokens, provider_cost_usd) ",
                 );
@@ -345,3 +342,38 @@ impl Storage {
 
 mod generations;
 pub use generations::{unix_ms, Claimed, Finished, GenerationRow, NewGeneration, NOTIFY_CHANNEL};
+
+/// Rows a statement carries at most: 18 binds a ledger row (8 an attempt),
+/// well under SQLite's 32,766 and PostgreSQL's 65,535.
+const ROWS_PER_STATEMENT: usize = 64;
+
+/// Splits a batch into statements of [`ROWS_PER_STATEMENT`] rows, then of
+/// 32, 16, … 1 for the rest: a handful of statement texts, each prepared
+/// once and cached (a statement per batch size was prepared afresh nearly
+/// every flush), and none long enough to hold SQLite's worker thread for
+/// more than a fraction of a millisecond. (A 500-row statement ran for
+/// milliseconds; on a gateway confined to one core, the requests waited.)
+fn statements<T>(mut rows: &[T]) -> impl Iterator<Item = &[T]> {
+    std::iter::from_fn(move || {
+        if rows.is_empty() {
+            return None;
+        }
+        let take = ROWS_PER_STATEMENT.min(1 << rows.len().ilog2());
+        let (head, rest) = rows.split_at(take);
+        rows = rest;
+        Some(head)
+    })
+}
+
+#[cfg(test)]
+mod statement_tests {
+    #[test]
+    fn statements_are_64_rows_then_powers_of_two() {
+        let sizes = |n: usize| super::statements(&vec![0u8; n]).map(<[u8]>::len).collect::<Vec<_>>();
+        assert_eq!(sizes(0), Vec::<usize>::new());
+        assert_eq!(sizes(1), vec![1]);
+        assert_eq!(sizes(64), vec![64]);
+        assert_eq!(sizes(200), vec![64, 64, 64, 8]);
+        assert_eq!(sizes(63), vec![32, 16, 8, 4, 2, 1]);
+    }
+}
