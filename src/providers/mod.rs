@@ -283,6 +283,9 @@ impl Clients {
                 .pool_idle_timeout(Duration::from_secs(90))
                 .pool_max_idle_per_host(MAX_IDLE_PER_HOST)
                 .tcp_nodelay(true)
+                // An API answers; it does not redirect a POST elsewhere
+                // (and following one would cost every request a clone).
+                .redirect(reqwest::redirect::Policy::none())
         };
         Ok(Clients {
             auto: builder().build()?,
