@@ -174,6 +174,10 @@ sleep 2
 gateway_config "$GW_LEAN_PORT" 1 http2 > "$WORK/gw-lean.toml"
 (cd "$WORK" && MIMALLOC_ALLOW_THP=0 exec taskset -c "$PROXY_CORE" "$OLDPWD/$BIN" serve --config gw-lean.toml 2>gw-lean.log) & GW_LEAN_PID=$!; PIDS+=($GW_LEAN_PID)
 wait_up "http://127.0.0.1:$GW_LEAN_PORT/healthz"
+# Loaded first like the others were, so its heap has the same history.
+for stream in "" "--stream"; do
+    on_load "$LOAD" http --url "http://127.0.0.1:$GW_LEAN_PORT" --key "$BENCH_KEY" --conns "$CONNS" $stream --duration "$DURATION" >/dev/null
+done
 on_load "$LOAD" hold --url "http://127.0.0.1:$GW_LEAN_PORT" --key "$BENCH_KEY" --n "$HOLD" --model trickle --pid "$GW_LEAN_PID" --label "$H2, MIMALLOC_ALLOW_THP=0" >> "$RESULTS"
 
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')
