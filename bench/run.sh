@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The benchmark: the simulator in its zero-latency profile, the gateway
 # (release build) and, as the floor, nginx as a plain proxy_pass reverse
-# proxy in front of the same simulator. The proxy under test (gateway or
-# nginx) runs alone on one core; the simulator and the load tools share the
+# proxy in front of the same simulator; the gateway also as configured
+# with HTTP/2 to its providers, and (for the held streams) with
+# transparent huge pages off. The proxy under test (gateway or nginx) runs
+# alone on one core; the simulator and the load tools share the
 # other, so every target is measured on the same pinning. Writes
 # BENCHMARKS.md (and the raw JSON lines to bench/results.jsonl).
 #
-#   bench/run.sh                  # everything, about five minutes
+#   bench/run.sh                  # everything, about ten minutes
 #   DURATION=5s HOLD=2000 bench/run.sh   # a quicker pass
 #
 # Needs wrk and nginx on PATH (Debian: apt-get install wrk nginx-light), and
