@@ -23,7 +23,8 @@
 //!    │          replicate | elevenlabs | deepgram, streams decoded as they
 //!    │          arrive, failures classified (error.rs)
 //!    ▼
-//!  upstream provider (reqwest, pooled)
+//!  upstream provider (pooled: hyper-util for chat, providers/client.rs;
+//!                     reqwest for media)
 //! ```
 //!
 //! And back: a sync answer returns up the same calls; a stream (chat chunks,
@@ -60,6 +61,7 @@ pub mod generations;
 pub mod grpc;
 pub mod http;
 pub mod limits;
+pub mod logs;
 pub mod metrics;
 pub mod proto;
 pub mod providers;
@@ -88,7 +90,7 @@ use crate::{
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("building the upstream HTTP client: {0}")]
-    Client(#[from] reqwest::Error),
+    Client(#[from] providers::ClientsError),
     #[error("building gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("serving: {0}")]

@@ -109,7 +109,13 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let _logs = init_logs(cli.log_format);
+    let _logs = match init_logs(cli.log_format) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("error: starting the log writer: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

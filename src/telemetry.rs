@@ -62,14 +62,12 @@ pub enum LogFormat {
 
 /// Installs the global log subscriber (the binary's, once; tests don't).
 ///
-/// Lines are written to stderr by a background thread, in batches: a
-/// request never waits on a `write` to stderr (an access line per request
-/// cost 12% of peak throughput written inline). If the writer falls
-/// behind by more than 128k lines, lines are dropped rather than requests
-/// slowed. Keep the guard until exit: dropping it flushes what is queued.
-pub fn init_logs(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
+/// Lines are written to stderr in batches by a background thread
+/// ([`crate::logs`]): a request never waits on a `write` to stderr. Keep
+/// the guard until exit: dropping it writes what is buffered.
+pub fn init_logs(format: LogFormat) -> std::io::Result<crate::logs::LogGuard> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
+    let (writer, guard) = crate::logs::batched(std::io::stderr(), crate::logs::BATCH_WINDOW, crate::logs::MAX_PENDING)?;
     // Colours only for a person at a terminal, never into a file or a pipe.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = fmt().with_env_filter(filter).with_ansi(ansi).with_writer(writer);
@@ -77,7 +75,7 @@ pub fn init_logs(format: LogFormat) -> tracing_appender::non_blocking::WorkerGua
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).with_span_list(false).try_init(),
     };
-    guard
+    Ok(guard)
 }
 
 /// The request's trace context, put in request extensions by
@@ -104,7 +102,8 @@ const EXPORT_QUEUE: usize = 8192;
 // one stalls every request behind it (p99 at half load went 15 ms → see
 // BENCHMARKS.md).
 const EXPORT_BATCH: usize = 64;
-const EXPORT_EVERY: Duration = Duration::from_millis(100);
+/// How long spans gather before they are exported.
+const EXPORT_WINDOW: Duration = Duration::from_millis(50);
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
 
 enum Export {
@@ -136,11 +135,11 @@ impl SpanProcessor for QueueProcessor {
     }
 }
 
-/// Exports queued spans in batches, every half second or when a batch is
-/// full; a failed export loses that batch, never blocks the queue.
+/// Exports queued spans in batches of at most [`EXPORT_BATCH`], a window
+/// after the first arrives; a failed export loses that batch, never blocks
+/// the queue.
 async fn export_loop(exporter: opentelemetry_otlp::SpanExporter, mut rx: mpsc::Receiver<Export>, failing: Arc<AtomicBool>) {
     let mut batch: Vec<SpanData> = Vec::new();
-    let mut tick = tokio::time::interval(EXPORT_EVERY);
     let send = |batch: Vec<SpanData>| {
         let fut = exporter.export(batch);
         let failing = failing.clone();
@@ -165,32 +164,40 @@ async fn export_loop(exporter: opentelemetry_otlp::SpanExporter, mut rx: mpsc::R
             }
         }
     };
-    loop {
-        tokio::select! {
-            msg = rx.recv() => match msg {
-                None => break,
-                Some(Export::Span(s)) => {
-                    batch.push(*s);
-                    if batch.len() >= EXPORT_BATCH {
-                        send(std::mem::take(&mut batch)).await;
+    let mut msgs = Vec::with_capacity(EXPORT_BATCH);
+    // Woken by the first span after an idle spell; then the window's spans
+    // gather before any work is done, so under load the task runs once a
+    // window rather than once a span (one wake-up per span was ~1% of a
+    // sync request).
+    while rx.recv_many(&mut msgs, EXPORT_BATCH).await > 0 {
+        if !matches!(msgs.last(), Some(Export::Flush(_))) {
+            tokio::time::sleep(EXPORT_WINDOW).await;
+        }
+        loop {
+            for msg in msgs.drain(..) {
+                match msg {
+                    Export::Span(s) => {
+                        batch.push(*s);
+                        if batch.len() >= EXPORT_BATCH {
+                            send(std::mem::take(&mut batch)).await;
+                        }
                     }
-                }
-                Some(Export::Flush(done)) => {
-                    if !batch.is_empty() {
-                        send(std::mem::take(&mut batch)).await;
+                    Export::Flush(done) => {
+                        if !batch.is_empty() {
+                            send(std::mem::take(&mut batch)).await;
+                        }
+                        let _ = done.send(());
                     }
-                    let _ = done.send(());
-                }
-            },
-            _ = tick.tick() => {
-                if !batch.is_empty() {
-                    send(std::mem::take(&mut batch)).await;
                 }
             }
+            if rx.is_empty() {
+                break;
+            }
+            rx.recv_many(&mut msgs, EXPORT_BATCH).await;
         }
-    }
-    if !batch.is_empty() {
-        send(batch).await;
+        if !batch.is_empty() {
+            send(std::mem::take(&mut batch)).await;
+        }
     }
 }
 

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use futures_util::StreamExt;
 use serde_json::{json, Map, Value};
 
-use super::{ChatAdapter, ChunkStream, RouteCall, Upstream};
+use super::{client, ChatAdapter, ChunkStream, RouteCall, Upstream};
 use crate::{
     error::{UpstreamError, UpstreamErrorKind},
     proto::{
@@ -30,43 +30,48 @@ const API_VERSION: &str = "2023-06-01";
 
 pub struct Anthropic {
     up: Upstream,
+    /// `{base_url}/v1/messages` and the fixed headers, made once.
+    messages_url: Option<http::Uri>,
+    headers: http::HeaderMap,
 }
 
 impl Anthropic {
     pub fn new(up: Upstream) -> Self {
-        Anthropic { up }
+        let messages_url = format!("{}/v1/messages", up.base_url).parse::<http::Uri>().ok();
+        let mut headers = http::HeaderMap::with_capacity(4);
+        headers.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+        headers.insert("anthropic-version", http::HeaderValue::from_static(API_VERSION));
+        if let Some(mut v) = (!up.api_key.is_empty()).then(|| http::HeaderValue::from_str(up.api_key.expose()).ok()).flatten() {
+            v.set_sensitive(true);
+            headers.insert("x-api-key", v);
+        }
+        Anthropic { up, messages_url, headers }
     }
 
-    fn request(&self, req: &ChatRequest, route: &RouteCall<'_>, stream: bool) -> Result<reqwest::RequestBuilder, UpstreamError> {
+    async fn send(&self, req: &ChatRequest, route: &RouteCall<'_>, stream: bool) -> Result<client::Response, UpstreamError> {
         let body = to_anthropic(req, route, stream).map_err(|d| self.up.err(UpstreamErrorKind::Unsupported, d))?;
-        let mut rb = self
-            .up
-            .http
-            .post(format!("{}/v1/messages", self.up.base_url))
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .header("anthropic-version", API_VERSION)
-            .body(body.to_string());
-        if !self.up.api_key.is_empty() {
-            rb = rb.header("x-api-key", self.up.api_key.expose());
-        }
-        Ok(rb)
+        let Some(url) = &self.messages_url else {
+            return Err(self.up.err(UpstreamErrorKind::Connect, "base_url is not a valid URL"));
+        };
+        let body = serde_json::to_vec(&body).map_err(|e| self.up.err(UpstreamErrorKind::Unsupported, e.to_string()))?;
+        self.up.post_chat(url, self.headers.clone(), body, route).await
     }
 }
 
 #[async_trait::async_trait]
 impl ChatAdapter for Anthropic {
     async fn complete(&self, req: &ChatRequest, route: &RouteCall<'_>) -> Result<ChatCompletion, UpstreamError> {
-        let resp = self.up.send(self.request(req, route, false)?, route).await?;
-        let body = self.up.body(resp).await?;
+        let resp = self.send(req, route, false).await?;
+        let body = self.up.chat_body(resp).await?;
         let v: Value = serde_json::from_slice(&body)
             .map_err(|e| self.up.err(UpstreamErrorKind::Malformed, format!("unparseable message: {e}")))?;
         from_anthropic(&v).ok_or_else(|| self.up.err(UpstreamErrorKind::Malformed, "message without content"))
     }
 
     async fn stream(&self, req: &ChatRequest, route: &RouteCall<'_>) -> Result<ChunkStream, UpstreamError> {
-        let resp = self.up.send(self.request(req, route, true)?, route).await?;
+        let resp = self.send(req, route, true).await?;
         let id = self.up.id.clone();
-        let events = Box::pin(self.up.events(resp));
+        let events = Box::pin(self.up.chat_events(resp));
         let chunks = futures_util::stream::unfold((events, StreamState::default(), false), move |(mut events, mut st, done)| {
             let id = id.clone();
             async move {

@@ -18,6 +18,7 @@ use crate::{
 };
 
 pub mod anthropic;
+pub mod client;
 pub mod deepgram;
 pub mod elevenlabs;
 pub mod openai;
@@ -218,6 +219,7 @@ pub fn adapters(config: &ProviderConfig, clients: &Clients) -> Adapters {
         base_url: config.base_url.trim_end_matches('/').to_owned(),
         api_key: config.api_key.clone(),
         http: clients.for_protocol(config.protocol).clone(),
+        chat: clients.chat_for_protocol(config.protocol).clone(),
         timeout: config.timeout,
     };
     match config.kind {
@@ -269,33 +271,53 @@ pub struct Clients {
     auto: reqwest::Client,
     http1: reqwest::Client,
     http2: reqwest::Client,
+    chat: [client::ChatClient; 3],
 }
 
-/// Idle upstream connections kept per host: enough for a burst of several
-/// hundred requests to find one warm.
-const MAX_IDLE_PER_HOST: usize = 256;
+/// The pool and connection bounds of every upstream client. Idle
+/// connections kept per host: enough for a burst of several hundred
+/// requests to find one warm.
+const POOL: client::PoolSettings = client::PoolSettings {
+    connect_timeout: Duration::from_secs(10),
+    idle_timeout: Duration::from_secs(90),
+    max_idle_per_host: 256,
+    // A dead HTTP/2 connection is found before a request waits on it.
+    h2_keep_alive_interval: Duration::from_secs(20),
+    h2_keep_alive_timeout: Duration::from_secs(10),
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientsError {
+    #[error("{0}")]
+    Reqwest(#[from] reqwest::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] std::io::Error),
+}
+
+const PROTOCOLS: [UpstreamProtocol; 3] = [UpstreamProtocol::Auto, UpstreamProtocol::Http1, UpstreamProtocol::Http2];
 
 impl Clients {
-    pub fn new() -> Result<Clients, reqwest::Error> {
+    pub fn new() -> Result<Clients, ClientsError> {
         let builder = || {
             reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(10))
-                .pool_idle_timeout(Duration::from_secs(90))
-                .pool_max_idle_per_host(MAX_IDLE_PER_HOST)
+                .connect_timeout(POOL.connect_timeout)
+                .pool_idle_timeout(POOL.idle_timeout)
+                .pool_max_idle_per_host(POOL.max_idle_per_host)
                 .tcp_nodelay(true)
                 // An API answers; it does not redirect a POST elsewhere
                 // (and following one would cost every request a clone).
                 .redirect(reqwest::redirect::Policy::none())
         };
+        let [auto, http1, http2] = PROTOCOLS.map(|p| client::ChatClient::new(p, &POOL));
         Ok(Clients {
             auto: builder().build()?,
             http1: builder().http1_only().build()?,
             http2: builder()
                 .http2_prior_knowledge()
-                // A dead connection is found before a request waits on it.
-                .http2_keep_alive_interval(Duration::from_secs(20))
-                .http2_keep_alive_timeout(Duration::from_secs(10))
+                .http2_keep_alive_interval(POOL.h2_keep_alive_interval)
+                .http2_keep_alive_timeout(POOL.h2_keep_alive_timeout)
                 .build()?,
+            chat: [auto?, http1?, http2?],
         })
     }
 
@@ -305,6 +327,11 @@ impl Clients {
             UpstreamProtocol::Http1 => &self.http1,
             UpstreamProtocol::Http2 => &self.http2,
         }
+    }
+
+    /// The chat adapters' client for `protocol` ([`client`]).
+    pub fn chat_for_protocol(&self, protocol: UpstreamProtocol) -> &client::ChatClient {
+        &self.chat[PROTOCOLS.iter().position(|&p| p == protocol).unwrap_or(0)]
     }
 }
 
@@ -320,6 +347,8 @@ pub struct Upstream {
     pub base_url: String,
     pub api_key: Secret,
     pub http: reqwest::Client,
+    /// The chat adapters' lean client, on the same protocol.
+    pub chat: client::ChatClient,
     /// The provider's `timeout`: for asynchronous APIs (a generation
     /// created, then polled), the bound on each upstream call.
     pub timeout: Duration,
@@ -336,24 +365,57 @@ impl Upstream {
             req = req.header("traceparent", tp);
         }
         let resp = req.send().await.map_err(|e| self.transport_error(&e))?;
-        let status = resp.status();
-        if status.is_success() {
+        if resp.status().is_success() {
             return Ok(resp);
         }
-        let retry_after = resp
-            .headers()
-            .get(http::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
-        let body = read_bounded(resp, MAX_ERROR_BODY_BYTES).await.unwrap_or_default();
-        let message = self.scrub(&error_message(&body));
-        Err(UpstreamError::from_status(&self.id, status.as_u16(), retry_after, &message))
+        let (status, retry_after) = (resp.status(), retry_after(resp.headers()));
+        let body = read_bounded(resp.content_length(), resp.bytes_stream(), MAX_ERROR_BODY_BYTES).await.unwrap_or_default();
+        Err(self.status_error(status, retry_after, &body))
+    }
+
+    /// [`Self::send`] for the chat adapters' client: a JSON POST to `uri`.
+    pub async fn post_chat(&self, uri: &http::Uri, mut headers: http::HeaderMap, body: Vec<u8>, route: &RouteCall<'_>) -> Result<client::Response, UpstreamError> {
+        if let Some(tp) = route.traceparent.and_then(|tp| http::HeaderValue::from_str(tp).ok()) {
+            headers.insert(TRACEPARENT, tp);
+        }
+        let resp = self.chat.post(uri.clone(), headers, body).await.map_err(|e| {
+            if e.is_connect() {
+                self.err(UpstreamErrorKind::Connect, "connection failed")
+            } else {
+                self.err(UpstreamErrorKind::Reset, "request failed")
+            }
+        })?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let (status, retry_after) = (resp.status(), retry_after(resp.headers()));
+        let declared = http_body::Body::size_hint(resp.body()).exact();
+        let body = read_bounded(declared, http_body_util::BodyDataStream::new(resp.into_body()), MAX_ERROR_BODY_BYTES).await.unwrap_or_default();
+        Err(self.status_error(status, retry_after, &body))
+    }
+
+    fn status_error(&self, status: http::StatusCode, retry_after: Option<Duration>, body: &[u8]) -> UpstreamError {
+        let message = self.scrub(&error_message(body));
+        UpstreamError::from_status(&self.id, status.as_u16(), retry_after, &message)
+    }
+
+    /// Reads a whole (non-streamed) success body of the chat client, bounded.
+    pub async fn chat_body(&self, resp: client::Response) -> Result<Bytes, UpstreamError> {
+        let declared = http_body::Body::size_hint(resp.body()).exact();
+        read_bounded(declared, http_body_util::BodyDataStream::new(resp.into_body()), MAX_RESPONSE_BYTES).await.map_err(|e| match e {
+            ReadError::TooLarge => self.err(UpstreamErrorKind::Malformed, "response body over the size limit"),
+            ReadError::Transport(_) => self.err(UpstreamErrorKind::Reset, "response body broke"),
+        })
+    }
+
+    /// The SSE events of a streamed success body of the chat client.
+    pub fn chat_events(&self, resp: client::Response) -> impl Stream<Item = Result<sse::SseEvent, UpstreamError>> + Send + 'static {
+        self.sse(http_body_util::BodyDataStream::new(resp.into_body()))
     }
 
     /// Reads a whole (non-streamed) success body, bounded.
     pub async fn body(&self, resp: reqwest::Response) -> Result<Bytes, UpstreamError> {
-        read_bounded(resp, MAX_RESPONSE_BYTES).await.map_err(|e| match e {
+        read_bounded(resp.content_length(), resp.bytes_stream(), MAX_RESPONSE_BYTES).await.map_err(|e| match e {
             ReadError::TooLarge => self.err(UpstreamErrorKind::Malformed, "response body over the size limit"),
             ReadError::Transport(e) => self.transport_error(&e),
         })
@@ -361,8 +423,16 @@ impl Upstream {
 
     /// The SSE events of a streamed success body.
     pub fn events(&self, resp: reqwest::Response) -> impl Stream<Item = Result<sse::SseEvent, UpstreamError>> + Send + 'static {
+        self.sse(resp.bytes_stream())
+    }
+
+    fn sse<S, E>(&self, body: S) -> impl Stream<Item = Result<sse::SseEvent, UpstreamError>> + Send + 'static
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send + Unpin + 'static,
+        E: std::fmt::Display + 'static,
+    {
         let id = self.id.clone();
-        sse::events(resp.bytes_stream()).map(move |r| {
+        sse::events(body).map(move |r| {
             r.map_err(|e| match e {
                 sse::SseError::Transport(d) => UpstreamError::new(&id, UpstreamErrorKind::Reset, format!("stream broke: {d}")),
                 sse::SseError::Malformed(d) => UpstreamError::new(&id, UpstreamErrorKind::Malformed, d),
@@ -407,25 +477,48 @@ impl Upstream {
     }
 }
 
-enum ReadError {
+enum ReadError<E> {
     TooLarge,
-    Transport(reqwest::Error),
+    Transport(E),
 }
 
-async fn read_bounded(resp: reqwest::Response, max: usize) -> Result<Bytes, ReadError> {
-    if resp.content_length().is_some_and(|n| n as usize > max) {
+/// A `Retry-After` in seconds, if the provider sent one.
+fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
+    headers
+        .get(http::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs)
+}
+
+const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+
+/// Reads a body to its end, refusing one declared or grown past `max`.
+async fn read_bounded<S, E>(declared: Option<u64>, mut body: S, max: usize) -> Result<Bytes, ReadError<E>>
+where
+    S: Stream<Item = Result<Bytes, E>> + Unpin,
+{
+    if declared.is_some_and(|n| n > max as u64) {
         return Err(ReadError::TooLarge);
     }
-    let mut out = Vec::new();
-    let mut body = resp.bytes_stream();
+    // One chunk (the usual small answer) is passed on without a copy.
+    let (mut first, mut out, mut len) = (None::<Bytes>, Vec::new(), 0);
     while let Some(chunk) = body.next().await {
         let chunk = chunk.map_err(ReadError::Transport)?;
-        if out.len() + chunk.len() > max {
+        len += chunk.len();
+        if len > max {
             return Err(ReadError::TooLarge);
+        }
+        if first.is_none() && out.is_empty() {
+            first = Some(chunk);
+            continue;
+        }
+        if let Some(p) = first.take() {
+            out.extend_from_slice(&p);
         }
         out.extend_from_slice(&chunk);
     }
-    Ok(Bytes::from(out))
+    Ok(first.unwrap_or_else(|| Bytes::from(out)))
 }
 
 /// Finds the human message in an error body of any of the formats we speak:
@@ -534,6 +627,7 @@ pub(crate) mod testing {
             base_url: base_url.trim_end_matches('/').to_owned(),
             api_key: Secret::new(KEY),
             http: reqwest::Client::new(),
+            chat: client::ChatClient::new(UpstreamProtocol::Auto, &POOL).unwrap(),
             timeout: Duration::from_secs(5),
         }
     }

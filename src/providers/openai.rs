@@ -26,7 +26,7 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 
 use super::{
-    iso639_1, parse_size, AudioFormat, AudioUpload, ByteStream, ChatAdapter, ChunkStream, GenerateAdapter, GeneratedMedia,
+    client, iso639_1, parse_size, AudioFormat, AudioUpload, ByteStream, ChatAdapter, ChunkStream, GenerateAdapter, GeneratedMedia,
     GenerationSpec, MediaData, RouteCall, SpeechSpec, SttAdapter, Transcript, TtsAdapter, Upstream, Word,
 };
 use crate::{
@@ -42,57 +42,51 @@ pub struct OpenAi {
     /// `{base_url}/chat/completions` and the `Authorization` value, made
     /// once: parsing the URL and formatting the header for every request
     /// were 3% of a sync request's CPU.
-    chat_url: Option<reqwest::Url>,
-    auth: Option<http::HeaderValue>,
+    chat_url: Option<http::Uri>,
+    /// Content type and `Authorization`, copied into each request.
+    chat_headers: http::HeaderMap,
 }
 
 impl OpenAi {
     pub fn new(up: Upstream) -> Self {
-        let chat_url = reqwest::Url::parse(&format!("{}/chat/completions", up.base_url)).ok();
-        let auth = (!up.api_key.is_empty())
-            .then(|| http::HeaderValue::from_str(&format!("Bearer {}", up.api_key.expose())).ok())
-            .flatten()
-            .map(|mut v| {
-                v.set_sensitive(true);
-                v
-            });
-        OpenAi { up, chat_url, auth }
+        let chat_url = format!("{}/chat/completions", up.base_url).parse::<http::Uri>().ok();
+        let mut chat_headers = http::HeaderMap::with_capacity(4);
+        chat_headers.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+        if let Some(mut v) = (!up.api_key.is_empty()).then(|| http::HeaderValue::from_str(&format!("Bearer {}", up.api_key.expose())).ok()).flatten() {
+            v.set_sensitive(true);
+            chat_headers.insert(http::header::AUTHORIZATION, v);
+        }
+        OpenAi { up, chat_url, chat_headers }
     }
 
-    fn request(&self, req: &ChatRequest, route: &RouteCall<'_>, stream: bool) -> reqwest::RequestBuilder {
-        let body = openai_json::request_to_json(req, route.upstream_model, stream);
-        let mut rb = match &self.chat_url {
-            Some(url) => self.up.http.post(url.clone()),
-            // Unparseable: reqwest reports it, as a transport error.
-            None => self.up.http.post(format!("{}/chat/completions", self.up.base_url)),
-        }
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .body(body.to_string());
+    /// Sends a chat request; the body is the proto request in OpenAI's JSON.
+    async fn send_chat(&self, req: &ChatRequest, route: &RouteCall<'_>, stream: bool) -> Result<client::Response, UpstreamError> {
+        let Some(url) = &self.chat_url else {
+            return Err(self.up.err(UpstreamErrorKind::Connect, "base_url is not a valid URL"));
+        };
+        let body = serde_json::to_vec(&openai_json::request_to_json(req, route.upstream_model, stream))
+            .map_err(|e| self.up.err(UpstreamErrorKind::Unsupported, e.to_string()))?;
+        let mut headers = self.chat_headers.clone();
         if stream {
-            rb = rb.header(http::header::ACCEPT, "text/event-stream");
+            headers.insert(http::header::ACCEPT, http::HeaderValue::from_static("text/event-stream"));
         }
-        match &self.auth {
-            Some(v) => rb = rb.header(http::header::AUTHORIZATION, v.clone()),
-            None if !self.up.api_key.is_empty() => rb = rb.bearer_auth(self.up.api_key.expose()),
-            None => {}
-        }
-        rb
+        self.up.post_chat(url, headers, body, route).await
     }
 }
 
 #[async_trait::async_trait]
 impl ChatAdapter for OpenAi {
     async fn complete(&self, req: &ChatRequest, route: &RouteCall<'_>) -> Result<ChatCompletion, UpstreamError> {
-        let resp = self.up.send(self.request(req, route, false), route).await?;
-        let body = self.up.body(resp).await?;
+        let resp = self.send_chat(req, route, false).await?;
+        let body = self.up.chat_body(resp).await?;
         openai_json::completion_from_json(&body)
             .map_err(|e| self.up.err(UpstreamErrorKind::Malformed, format!("unparseable chat.completion: {e}")))
     }
 
     async fn stream(&self, req: &ChatRequest, route: &RouteCall<'_>) -> Result<ChunkStream, UpstreamError> {
-        let resp = self.up.send(self.request(req, route, true), route).await?;
+        let resp = self.send_chat(req, route, true).await?;
         let id = self.up.id.clone();
-        let events = self.up.events(resp);
+        let events = self.up.chat_events(resp);
         // `[DONE]` ends the stream; a stream that ends without it was cut.
         let chunks = futures_util::stream::unfold((Box::pin(events), false), move |(mut events, done)| {
             let id = id.clone();
