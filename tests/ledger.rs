@@ -210,12 +210,9 @@ async fn a_spent_budget_is_402() {
     assert!(rows.len() <= 3, "at most a request or two over, never unbounded: {}", rows.len());
 }
 
-#[tokio::test]
-async fn journaled_rows_reach_the_database_exactly_once_after_a_crash() {
-    let url = temp_db_url();
-    let journal = std::path::PathBuf::from(temp_journal());
-    let storage = Storage::connect(&url).await.unwrap();
-    let entry = |i: u32| Entry {
+/// A priced row for key `ledger`.
+fn entry(i: u32) -> Entry {
+    Entry {
         row: LedgerRow {
             request_id: format!("req-{i}"),
             client_request_id: None,
@@ -237,7 +234,14 @@ async fn journaled_rows_reach_the_database_exactly_once_after_a_crash() {
             units: 0.0,
         },
         attempts: vec![],
-    };
+    }
+}
+
+#[tokio::test]
+async fn journaled_rows_reach_the_database_exactly_once_after_a_crash() {
+    let url = temp_db_url();
+    let journal = std::path::PathBuf::from(temp_journal());
+    let storage = Storage::connect(&url).await.unwrap();
     // A "crash": lines journaled, the process gone before the writer ran.
     {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -265,6 +269,35 @@ async fn journaled_rows_reach_the_database_exactly_once_after_a_crash() {
     let rows = storage.ledger_rows("ledger").await.unwrap();
     assert_eq!(rows.len(), 5, "each request id exactly once");
     assert_eq!(storage.spent("ledger").await.unwrap(), 2.5);
+}
+
+#[tokio::test]
+async fn under_steady_load_the_journal_is_replaced_and_no_row_is_lost() {
+    let url = temp_db_url();
+    let journal = std::path::PathBuf::from(temp_journal());
+    let storage = Storage::connect(&url).await.unwrap();
+    let ledger = Ledger::open(&journal, storage.clone(), None).unwrap();
+    // Rows keep coming while the writer inserts, so something is always
+    // pending when it finishes: the journal must still be replaced.
+    let (mut n, mut last, mut shrank) = (0u32, 0u64, 0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while shrank < 2 && std::time::Instant::now() < deadline {
+        ledger.record(&entry(n)).await.unwrap();
+        n += 1;
+        if n % 50 == 0 {
+            let len = std::fs::metadata(&journal).unwrap().len();
+            shrank += usize::from(len < last);
+            last = len;
+            tokio::task::yield_now().await;
+        }
+    }
+    assert!(shrank >= 2, "the journal grew with the traffic: {n} rows, {last} bytes");
+    // A crash now: the next start replays what the journal holds.
+    drop(ledger);
+    let ledger = Ledger::open(&journal, storage.clone(), None).unwrap();
+    ledger.flush().await;
+    let rows = storage.ledger_rows("ledger").await.unwrap();
+    assert_eq!(rows.len(), n as usize, "every row exactly once");
 }
 
 #[tokio::test]

@@ -120,8 +120,9 @@ pub fn chat_cost(price: &Price, input: u64, cached: u64, output: u64) -> f64 {
         + per(output, price.output_per_mtok)
 }
 
-/// Journal size past which a fully flushed journal is emptied.
-const ROTATE_BYTES: u64 = 256 * 1024;
+/// Journal size past which it is replaced by one holding only what is
+/// not yet in the database.
+const ROTATE_BYTES: u64 = 1024 * 1024;
 /// Entries held in memory for the writer, at most; past it the writer
 /// replays the journal file instead (the database being down, say).
 const MAX_PENDING: usize = 100_000;
@@ -355,13 +356,45 @@ async fn flush_once(ledger: &Ledger) -> Result<(), String> {
         // subtracting them is floored at zero.)
         ledger.flushed(&entries);
     }
-    // Under the append lock: nothing appended since the entries were taken
-    // means every line in the file is in the database.
-    let j = ledger.journal.lock().unwrap_or_else(|p| p.into_inner());
-    if j.pending.is_empty() && !j.overflowed && j.file.metadata().map(|m| m.len()).unwrap_or(0) >= ROTATE_BYTES {
-        j.file.set_len(0).map_err(|e| e.to_string())?;
-    }
+    // Under the append lock, every line in the file is in the database or
+    // in `pending`: a large file is replaced by one holding only the
+    // pending lines. (Waiting for a moment with nothing pending, as this
+    // once did, never came under steady load: the journal grew by the
+    // whole traffic, 100 MB in a ten-second benchmark, and emptying it
+    // then stalled appends for the time the kernel took to free it.)
+    let old = {
+        let mut j = ledger.journal.lock().unwrap_or_else(|p| p.into_inner());
+        if j.overflowed || j.file.metadata().map(|m| m.len()).unwrap_or(0) < ROTATE_BYTES {
+            return Ok(());
+        }
+        let fresh = fresh_journal(&ledger.path, &j.pending).map_err(|e| format!("rotating the journal: {e}"))?;
+        std::mem::replace(&mut j.file, fresh)
+    };
+    // Closing the replaced file frees its pages: off the request path.
+    tokio::task::spawn_blocking(move || drop(old));
     Ok(())
+}
+
+/// A journal holding `pending`'s lines, renamed over the one at `path`
+/// (atomically: a crash leaves one or the other, each with every line not
+/// yet in the database). It is locked before it takes the path.
+fn fresh_journal(path: &Path, pending: &[Entry]) -> std::io::Result<std::fs::File> {
+    let mut lines = Vec::with_capacity(pending.len() * 512);
+    for e in pending {
+        serde_json::to_writer(&mut lines, e).map_err(std::io::Error::other)?;
+        lines.push(b'\n');
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".rotating");
+    let tmp = PathBuf::from(tmp);
+    // Left by a rotation cut short: never renamed, so nothing relies on it.
+    let _ = std::fs::remove_file(&tmp);
+    // Opened for appends, like the file it replaces, and kept.
+    let mut file = std::fs::OpenOptions::new().create_new(true).append(true).open(&tmp)?;
+    file.try_lock().map_err(|_| std::io::Error::other("the rotated journal is locked by another process"))?;
+    file.write_all(&lines)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(file)
 }
 
 /// Every complete line of the journal file.
