@@ -192,6 +192,13 @@ impl Keys {
 
 /// Glob match on public model ids: `*` any run, `?` one character.
 pub fn glob_match(pattern: &str, text: &str) -> bool {
+    // The usual patterns, without collecting characters.
+    if pattern == "*" {
+        return true;
+    }
+    if !pattern.contains(['*', '?']) {
+        return pattern == text;
+    }
     let p: Vec<char> = pattern.chars().collect();
     let t: Vec<char> = text.chars().collect();
     // Iterative matcher with backtracking to the last `*`: linear in

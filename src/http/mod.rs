@@ -186,6 +186,9 @@ async fn readyz(State(state): State<HttpState>) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
+const RATELIMIT_LIMIT: http::HeaderName = http::HeaderName::from_static("x-ratelimit-limit");
+const RATELIMIT_LIMIT_TOKENS: http::HeaderName = http::HeaderName::from_static("x-ratelimit-limit-tokens");
+
 /// Checks the key before anything reads the body (API.md's order: key, then
 /// size, then parse).
 async fn authenticate(State(state): State<HttpState>, mut req: Request, next: Next) -> Response {
@@ -200,7 +203,7 @@ async fn authenticate(State(state): State<HttpState>, mut req: Request, next: Ne
             // Every response to a recognised key carries its rate-limit
             // figures; those refused before the core (size, JSON) get the
             // current ones, counting nothing.
-            if !resp.headers().contains_key("x-ratelimit-limit") && !resp.headers().contains_key("x-ratelimit-limit-tokens") {
+            if !resp.headers().contains_key(RATELIMIT_LIMIT) && !resp.headers().contains_key(RATELIMIT_LIMIT_TOKENS) {
                 let verdict = state.limiter.peek(&principal.name, &principal.limits).await;
                 for (k, v) in verdict.headers() {
                     resp.headers_mut().insert(k, HeaderValue::from(v));
@@ -273,11 +276,14 @@ const FORWARDED_METADATA: [&str; 9] = [
 ];
 
 /// Copies what the core reported (who served, attempts, rate limits) into
-/// HTTP headers.
+/// HTTP headers: one pass over the metadata, names and values moved as they
+/// are (no lookups by string, no re-validation).
 pub(crate) fn copy_served(md: &tonic::metadata::MetadataMap, headers: &mut HeaderMap) {
-    for key in FORWARDED_METADATA {
-        if let Some(v) = md.get(key).and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok()) {
-            headers.insert(key, v);
+    let md: &HeaderMap = md.as_ref();
+    headers.reserve(md.len());
+    for (name, value) in md {
+        if FORWARDED_METADATA.contains(&name.as_str()) {
+            headers.insert(name.clone(), value.clone());
         }
     }
 }

@@ -99,11 +99,14 @@ pub fn parse_request(body: &[u8]) -> Result<ParsedRequest, Error> {
     let messages = match take(&mut map, "messages") {
         None => return Err(bad("messages", "'messages' is required")),
         Some(v) => {
-            let arr = as_array(&v, "messages")?;
+            let arr = match v {
+                Value::Array(arr) => arr,
+                other => return Err(bad("messages", format!("'messages' must be an array, got {}", type_name(&other)))),
+            };
             if arr.is_empty() {
                 return Err(bad("messages", "'messages' must be a non-empty array"));
             }
-            arr.iter()
+            arr.into_iter()
                 .enumerate()
                 .map(|(i, m)| parse_message(m, &format!("messages[{i}]")))
                 .collect::<Result<Vec<_>, _>>()?
@@ -196,19 +199,27 @@ pub fn parse_request(body: &[u8]) -> Result<ParsedRequest, Error> {
     Ok(ParsedRequest { request: req, stream })
 }
 
-fn parse_message(v: &Value, path: &str) -> Result<Message, Error> {
-    let mut map = as_object(v, path)?.clone();
-    let role_path = format!("{path}.role");
-    let role = match take(&mut map, "role") {
-        None => return Err(bad(&role_path, format!("'{role_path}' is required"))),
-        Some(r) => {
-            let s = as_str(&r, &role_path)?;
-            Role::from_openai(s).ok_or_else(|| {
-                bad(&role_path, format!("'{role_path}' must be one of system, developer, user, assistant, tool; got {s:?}"))
-            })?
-        }
+/// One message, taken apart without a copy; the paths errors name are
+/// only formatted for an error.
+fn parse_message(v: Value, path: &str) -> Result<Message, Error> {
+    let mut map = match v {
+        Value::Object(map) => map,
+        other => return Err(bad(path, format!("'{path}' must be an object, got {}", type_name(&other)))),
     };
-    let content_path = format!("{path}.content");
+    let role = match take(&mut map, "role") {
+        None => {
+            let role_path = format!("{path}.role");
+            return Err(bad(&role_path, format!("'{role_path}' is required")));
+        }
+        Some(r) => match r.as_str().and_then(Role::from_openai) {
+            Some(role) => role,
+            None => {
+                let role_path = format!("{path}.role");
+                let s = as_str(&r, &role_path)?;
+                return Err(bad(&role_path, format!("'{role_path}' must be one of system, developer, user, assistant, tool; got {s:?}")));
+            }
+        },
+    };
     let content = match take(&mut map, "content") {
         None => None,
         Some(Value::String(s)) => Some(message::Content::Text(s)),
@@ -216,10 +227,11 @@ fn parse_message(v: &Value, path: &str) -> Result<Message, Error> {
             parts: parts
                 .iter()
                 .enumerate()
-                .map(|(i, p)| parse_part(p, &format!("{content_path}[{i}]")))
+                .map(|(i, p)| parse_part(p, &format!("{path}.content[{i}]")))
                 .collect::<Result<_, _>>()?,
         })),
         Some(other) => {
+            let content_path = format!("{path}.content");
             return Err(bad(&content_path, format!("'{content_path}' must be a string or an array of content parts, got {}", type_name(&other))))
         }
     };
