@@ -658,6 +658,28 @@ pub(crate) mod testing {
 mod tests {
     use super::*;
 
+    fn chunks(parts: &[&'static str]) -> impl Stream<Item = Result<Bytes, &'static str>> + Unpin {
+        futures_util::stream::iter(parts.iter().map(|p| Ok(Bytes::from_static(p.as_bytes()))).collect::<Vec<_>>())
+    }
+
+    #[tokio::test]
+    async fn a_body_is_read_whole_in_order_and_bounded() {
+        let one = read_bounded(None, chunks(&["{\"a\":1}"]), 64).await.ok().unwrap();
+        assert_eq!(&one[..], b"{\"a\":1}");
+        let many = read_bounded(None, chunks(&["ab", "", "cd", "e"]), 64).await.ok().unwrap();
+        assert_eq!(&many[..], b"abcde");
+        let empty = read_bounded(None, chunks(&[]), 64).await.ok().unwrap();
+        assert!(empty.is_empty());
+        // Exactly at the bound is allowed; one byte past is not, whether
+        // declared up front or found while reading.
+        assert_eq!(read_bounded(Some(5), chunks(&["abc", "de"]), 5).await.ok().unwrap().len(), 5);
+        assert!(matches!(read_bounded(Some(6), chunks(&["abc"]), 5).await, Err(ReadError::TooLarge)));
+        assert!(matches!(read_bounded(None, chunks(&["abc", "def"]), 5).await, Err(ReadError::TooLarge)));
+        assert!(matches!(read_bounded(None, chunks(&["abcdef"]), 5).await, Err(ReadError::TooLarge)));
+        let broken = futures_util::stream::iter(vec![Ok(Bytes::from_static(b"ab")), Err("reset")]);
+        assert!(matches!(read_bounded(None, broken, 64).await, Err(ReadError::Transport("reset"))));
+    }
+
     #[test]
     fn error_message_reads_every_vendor_shape() {
         let cases: [(&str, &str); 8] = [

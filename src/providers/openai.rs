@@ -717,4 +717,52 @@ mod tests {
         assert_eq!(&last[..], b"-last");
         assert!(audio.next().await.is_none());
     }
+
+    #[tokio::test]
+    async fn chat_goes_over_the_wire_with_its_headers_and_a_scrubbed_error() {
+        use axum::{http::HeaderMap, routing::post, Json};
+        use futures_util::StreamExt;
+        async fn handler(headers: HeaderMap, Json(body): Json<Value>) -> axum::response::Response {
+            use axum::response::IntoResponse;
+            assert_eq!(headers["authorization"], format!("Bearer {KEY}").as_str());
+            assert_eq!(headers["content-type"], "application/json");
+            assert!(headers.contains_key("traceparent"));
+            assert_eq!(body["model"], "gpt-up");
+            match body["messages"][0]["content"].as_str() {
+                Some("fail") => (
+                    http::StatusCode::TOO_MANY_REQUESTS,
+                    [("retry-after", "7")],
+                    Json(json!({"error": {"message": format!("slow down, {KEY}")}})),
+                )
+                    .into_response(),
+                _ if body["stream"] == json!(true) => {
+                    assert_eq!(headers["accept"], "text/event-stream");
+                    let sse = "data: {\"id\":\"u\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n";
+                    ([("content-type", "text/event-stream")], sse).into_response()
+                }
+                _ => {
+                    assert!(!headers.contains_key("accept"));
+                    Json(json!({"id": "u", "created": 1, "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello"}, "finish_reason": "stop"}], "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}))
+                        .into_response()
+                }
+            }
+        }
+        let base = testing::serve(axum::Router::new().route("/v1/chat/completions", post(handler))).await;
+        let a = OpenAi::new(testing::upstream(&format!("{base}/v1")));
+        let ask = |text: &str| crate::proto::openai_json::parse_request(json!({"model": "m", "messages": [{"role": "user", "content": text}]}).to_string().as_bytes()).unwrap().request;
+
+        let done = a.complete(&ask("hello"), &route("gpt-up")).await.unwrap();
+        assert_eq!(done.choices[0].message.as_ref().and_then(|m| crate::proto::openai_json::message_text(m).next()), Some("hello"));
+
+        let mut chunks = a.stream(&ask("hello"), &route("gpt-up")).await.unwrap();
+        let first = chunks.next().await.unwrap().unwrap();
+        assert_eq!(first.choices[0].delta.as_ref().and_then(|d| d.content.as_deref()), Some("hi"));
+        assert!(chunks.next().await.is_none(), "[DONE] ends the stream");
+
+        let e = a.complete(&ask("fail"), &route("gpt-up")).await.unwrap_err();
+        let shown = format!("{e:?} {e}");
+        assert!(!shown.contains(KEY), "the key never reaches an error: {shown}");
+        assert!(shown.contains("slow down"), "{shown}");
+        assert_eq!(e.kind, UpstreamErrorKind::RateLimited { retry_after: Some(std::time::Duration::from_secs(7)) });
+    }
 }
