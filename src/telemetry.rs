@@ -273,8 +273,9 @@ impl Telemetry {
             .with_kind(SpanKind::Client)
             .with_attributes(vec![
                 KeyValue::new("gen_ai.operation.name", a.operation),
-                KeyValue::new("gen_ai.provider.name", a.provider_kind.to_owned()),
-                KeyValue::new("gen_ai.system", a.provider_kind.to_owned()),
+                // Static strings: no allocation, here or when exported.
+                KeyValue::new("gen_ai.provider.name", a.provider_kind),
+                KeyValue::new("gen_ai.system", a.provider_kind),
                 KeyValue::new("gen_ai.request.model", a.upstream_model.to_owned()),
                 KeyValue::new("switchyard.model", a.public_model.to_owned()),
                 KeyValue::new("switchyard.provider.id", a.provider.to_owned()),
@@ -307,7 +308,7 @@ pub struct AttemptInfo<'a> {
     /// `chat`, `generate_content`, `text_to_speech`, `speech_to_text`.
     pub operation: &'static str,
     pub provider: &'a str,
-    pub provider_kind: &'a str,
+    pub provider_kind: &'static str,
     pub public_model: &'a str,
     pub upstream_model: &'a str,
     pub number: u32,

@@ -314,23 +314,25 @@ async fn list_models(State(state): State<HttpState>, Extension(principal): Exten
     }
 }
 
-async fn chat_completions(
-    State(state): State<HttpState>,
-    Extension(principal): Extension<Arc<Principal>>,
-    trace: Option<Extension<RequestTrace>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    match chat(state, principal, trace.map(|t| t.0), headers, body).await {
+/// Takes the request whole: its headers are read in place and the key's
+/// principal and trace moved out, not cloned by extractors.
+async fn chat_completions(State(state): State<HttpState>, req: Request) -> Response {
+    let (mut parts, body) = req.into_parts();
+    let Some(principal) = parts.extensions.remove::<Arc<Principal>>() else {
+        // The authenticate layer puts it there for every route it guards.
+        return Error::Internal("no principal on an authenticated route".into()).into_response();
+    };
+    let trace = parts.extensions.remove::<RequestTrace>();
+    match chat(state, principal, trace, &parts.headers, body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
 }
 
-async fn chat(state: HttpState, principal: Arc<Principal>, trace: Option<RequestTrace>, headers: HeaderMap, body: Body) -> Result<Response, Error> {
-    let bytes = read_body(&headers, body, state.max_body_bytes).await?;
+async fn chat(state: HttpState, principal: Arc<Principal>, trace: Option<RequestTrace>, headers: &HeaderMap, body: Body) -> Result<Response, Error> {
+    let bytes = read_body(headers, body, state.max_body_bytes).await?;
     let parsed = openai_json::parse_request(&bytes)?;
-    let req = core_request(parsed.request, principal, trace.clone(), &headers)?;
+    let req = core_request(parsed.request, principal, trace.clone(), headers)?;
     if !parsed.stream {
         let resp = match state.core.complete(req).await {
             Ok(r) => r,
