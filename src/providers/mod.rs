@@ -294,8 +294,6 @@ pub enum ClientsError {
     Tls(#[from] std::io::Error),
 }
 
-const PROTOCOLS: [UpstreamProtocol; 3] = [UpstreamProtocol::Auto, UpstreamProtocol::Http1, UpstreamProtocol::Http2];
-
 impl Clients {
     pub fn new() -> Result<Clients, ClientsError> {
         let builder = || {
@@ -308,7 +306,7 @@ impl Clients {
                 // (and following one would cost every request a clone).
                 .redirect(reqwest::redirect::Policy::none())
         };
-        let [auto, http1, http2] = PROTOCOLS.map(|p| client::ChatClient::new(p, &POOL));
+        let chat = |p| client::ChatClient::new(p, &POOL);
         Ok(Clients {
             auto: builder().build()?,
             http1: builder().http1_only().build()?,
@@ -317,7 +315,7 @@ impl Clients {
                 .http2_keep_alive_interval(POOL.h2_keep_alive_interval)
                 .http2_keep_alive_timeout(POOL.h2_keep_alive_timeout)
                 .build()?,
-            chat: [auto?, http1?, http2?],
+            chat: [chat(UpstreamProtocol::Auto)?, chat(UpstreamProtocol::Http1)?, chat(UpstreamProtocol::Http2)?],
         })
     }
 
@@ -331,7 +329,12 @@ impl Clients {
 
     /// The chat adapters' client for `protocol` ([`client`]).
     pub fn chat_for_protocol(&self, protocol: UpstreamProtocol) -> &client::ChatClient {
-        &self.chat[PROTOCOLS.iter().position(|&p| p == protocol).unwrap_or(0)]
+        let [auto, http1, http2] = &self.chat;
+        match protocol {
+            UpstreamProtocol::Auto => auto,
+            UpstreamProtocol::Http1 => http1,
+            UpstreamProtocol::Http2 => http2,
+        }
     }
 }
 
@@ -408,10 +411,6 @@ impl Upstream {
         })
     }
 
-    /// The SSE events of a streamed success body of the chat client.
-    pub fn chat_events(&self, resp: client::Response) -> impl Stream<Item = Result<sse::SseEvent, UpstreamError>> + Send + 'static {
-        self.sse(http_body_util::BodyDataStream::new(resp.into_body()))
-    }
 
     /// Reads a whole (non-streamed) success body, bounded.
     pub async fn body(&self, resp: reqwest::Response) -> Result<Bytes, UpstreamError> {
@@ -421,16 +420,9 @@ impl Upstream {
         })
     }
 
-    /// The SSE events of a streamed success body.
-    pub fn events(&self, resp: reqwest::Response) -> impl Stream<Item = Result<sse::SseEvent, UpstreamError>> + Send + 'static {
-        self.sse(resp.bytes_stream())
-    }
-
-    fn sse<S, E>(&self, body: S) -> impl Stream<Item = Result<sse::SseEvent, UpstreamError>> + Send + 'static
-    where
-        S: Stream<Item = Result<Bytes, E>> + Send + Unpin + 'static,
-        E: std::fmt::Display + 'static,
-    {
+    /// The SSE events of a streamed success body of the chat client.
+    pub fn chat_events(&self, resp: client::Response) -> impl Stream<Item = Result<sse::SseEvent, UpstreamError>> + Send + 'static {
+        let body = http_body_util::BodyDataStream::new(resp.into_body());
         let id = self.id.clone();
         sse::events(body).map(move |r| {
             r.map_err(|e| match e {
