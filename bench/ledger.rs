@@ -74,7 +74,7 @@ async fn measure(label: &str, ledger: &Ledger, n: usize) {
     for i in 0..n {
         let e = entry(i);
         let t = Instant::now();
-        ledger.record(&e).await.expect("record");
+        ledger.record(e).await.expect("record");
         samples.push(t.elapsed());
     }
     samples.sort();

@@ -250,7 +250,7 @@ async fn journaled_rows_reach_the_database_exactly_once_after_a_crash() {
             rt.block_on(async {
                 let ledger = Ledger::open(&j, s, None).unwrap();
                 for i in 0..5 {
-                    ledger.record(&entry(i)).await.unwrap();
+                    ledger.record(entry(i)).await.unwrap();
                 }
             });
             // Dropping the runtime kills the writer mid-flight.
@@ -261,7 +261,7 @@ async fn journaled_rows_reach_the_database_exactly_once_after_a_crash() {
     // The next start replays the journal; a second replay changes nothing.
     for _ in 0..2 {
         let ledger = Ledger::open(&journal, storage.clone(), None).unwrap();
-        ledger.record(&entry(4)).await.unwrap();
+        ledger.record(entry(4)).await.unwrap();
         ledger.flush().await;
         drop(ledger);
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -282,7 +282,7 @@ async fn under_steady_load_the_journal_is_replaced_and_no_row_is_lost() {
     let (mut n, mut last, mut shrank) = (0u32, 0u64, 0);
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while shrank < 2 && std::time::Instant::now() < deadline {
-        ledger.record(&entry(n)).await.unwrap();
+        ledger.record(entry(n)).await.unwrap();
         n += 1;
         if n % 50 == 0 {
             let len = std::fs::metadata(&journal).unwrap().len();

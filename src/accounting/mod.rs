@@ -226,11 +226,12 @@ impl Ledger {
     }
 
     /// Makes a request's entry durable: in the shared Redis stream if there
-    /// is one and it answers, else in the local journal.
-    pub async fn record(&self, entry: &Entry) -> Result<(), std::io::Error> {
-        self.metrics.observe_entry(entry);
+    /// is one and it answers, else in the local journal. A journal that
+    /// cannot be written logs the row whole, so it can be recovered.
+    pub async fn record(&self, entry: Entry) -> Result<(), std::io::Error> {
+        self.metrics.observe_entry(&entry);
         if let Some(r) = &self.redis {
-            match r.append(entry).await {
+            match r.append(&entry).await {
                 Ok(()) => return Ok(()),
                 Err(e) => tracing::warn!("ledger stream unavailable ({e}); journaling locally"),
             }
@@ -239,27 +240,48 @@ impl Ledger {
     }
 
     /// Appends to the local journal; returns once the line is in the
-    /// kernel's hands.
-    pub fn journal(&self, entry: &Entry) -> Result<(), std::io::Error> {
-        let mut line = serde_json::to_vec(entry).map_err(std::io::Error::other)?;
+    /// kernel's hands. The entry is kept (moved, not copied) for the writer.
+    pub fn journal(&self, entry: Entry) -> Result<(), std::io::Error> {
+        let mut line = serde_json::to_vec(&entry).map_err(std::io::Error::other)?;
         line.push(b'\n');
+        if entry.row.cost_usd > 0.0 {
+            let mut unflushed = self.unflushed.lock().unwrap_or_else(|p| p.into_inner());
+            match unflushed.get_mut(&entry.row.key_name) {
+                Some(spent) => *spent += entry.row.cost_usd,
+                None => {
+                    unflushed.insert(entry.row.key_name.clone(), entry.row.cost_usd);
+                }
+            }
+        }
         {
             let mut j = self.journal.lock().unwrap_or_else(|p| p.into_inner());
             // One write of the whole line: O_APPEND keeps lines whole.
-            j.file.write_all(&line)?;
+            if let Err(e) = j.file.write_all(&line) {
+                drop(j);
+                self.unwind_unflushed(&entry);
+                tracing::error!(row = ?entry.row, "ledger journal write failed: {e}");
+                return Err(e);
+            }
             // The writer takes it from memory, not by reading the file back.
             if j.pending.len() < MAX_PENDING {
-                j.pending.push(entry.clone());
+                j.pending.push(entry);
             } else {
                 j.overflowed = true;
             }
         }
-        if entry.row.cost_usd > 0.0 {
-            let mut unflushed = self.unflushed.lock().unwrap_or_else(|p| p.into_inner());
-            *unflushed.entry(entry.row.key_name.clone()).or_default() += entry.row.cost_usd;
-        }
         self.wake.notify_one();
         Ok(())
+    }
+
+    /// Takes back what [`Ledger::journal`] counted as unflushed for a row it
+    /// could not write.
+    fn unwind_unflushed(&self, entry: &Entry) {
+        if entry.row.cost_usd > 0.0 {
+            let mut unflushed = self.unflushed.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(spent) = unflushed.get_mut(&entry.row.key_name) {
+                *spent = (*spent - entry.row.cost_usd).max(0.0);
+            }
+        }
     }
 
     /// What `key` has spent: the database's figure (re-read when stale)

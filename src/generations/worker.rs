@@ -183,7 +183,7 @@ impl Worker {
                 if let Some(a) = attempts.iter_mut().find(|a| a.outcome == "success") {
                     a.provider_cost_usd = row.cost_usd;
                 }
-                if let Err(e) = self.ledger.record(&Entry { row, attempts }).await {
+                if let Err(e) = self.ledger.record(Entry { row, attempts }).await {
                     tracing::error!(job = %id, "ledger journal write failed: {e}");
                 }
                 true

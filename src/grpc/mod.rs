@@ -20,7 +20,7 @@ use std::{
 
 use rand::distr::{Alphanumeric, SampleString};
 use tokio::{sync::mpsc, time::Instant};
-use tonic::{metadata::MetadataValue, Request, Response, Status};
+use tonic::{Request, Response, Status};
 
 use crate::{
     accounting::{chat_cost, Entry, Ledger, LedgerRow},
@@ -204,11 +204,9 @@ impl Gate {
     }
 
     pub(crate) async fn record(ledger: &Ledger, entry: Entry) {
-        if let Err(e) = ledger.record(&entry).await {
-            // The answer is not withheld for want of a journal: the row is
-            // logged whole so it can be recovered.
-            tracing::error!(row = ?entry.row, "ledger journal write failed: {e}");
-        }
+        // The answer is not withheld for want of a journal: the ledger logs
+        // a row it could not write whole, so it can be recovered.
+        let _ = ledger.record(entry).await;
     }
 
     pub(crate) async fn record_failure(&self, principal: &Principal, admitted: &Admitted, model: &str, tries: &Tries, e: &Error) {
@@ -382,8 +380,9 @@ impl crate::proto::models_server::Models for ModelsCore {
 }
 
 fn put_rate_headers(md: &mut tonic::metadata::MetadataMap, verdict: &Verdict) {
+    let md = md.as_mut();
     for (k, v) in verdict.headers() {
-        md.insert(k, MetadataValue::from(v));
+        md.insert(k, http::HeaderValue::from(v));
     }
 }
 /// What the proto allows but the API does not.
@@ -463,10 +462,17 @@ pub(crate) fn served_metadata<T>(resp: &mut Response<T>, provider: &str, attempt
     let md = resp.metadata_mut();
     // These two and the six rate-limit figures, in one allocation.
     md.reserve(8);
-    if let Ok(v) = MetadataValue::try_from(provider) {
-        md.insert(META_PROVIDER, v);
+    const PROVIDER: http::HeaderName = http::HeaderName::from_static(META_PROVIDER);
+    const ATTEMPTS: http::HeaderName = http::HeaderName::from_static(crate::error::META_ATTEMPTS);
+    let md = md.as_mut();
+    // ASCII metadata, as `MetadataValue::try_from` would insist.
+    match http::HeaderValue::from_str(provider) {
+        Ok(v) if provider.is_ascii() => {
+            md.insert(PROVIDER, v);
+        }
+        _ => {}
     }
-    md.insert(crate::error::META_ATTEMPTS, MetadataValue::from(attempts));
+    md.insert(ATTEMPTS, http::HeaderValue::from(attempts));
 }
 
 #[tonic::async_trait]

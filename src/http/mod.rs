@@ -288,6 +288,23 @@ pub(crate) fn copy_served(md: &tonic::metadata::MetadataMap, headers: &mut Heade
     }
 }
 
+/// The core's metadata as a response's headers: moved whole when it holds
+/// only what HTTP clients get (the usual case: no entry re-hashed or
+/// copied), else copied as [`copy_served`] does. Room is left for `extra`
+/// more headers.
+fn served_headers(md: tonic::metadata::MetadataMap, extra: usize) -> HeaderMap {
+    let md = md.into_headers();
+    let mut headers = if md.keys().all(|k| FORWARDED_METADATA.contains(&k.as_str())) {
+        md
+    } else {
+        let mut h = HeaderMap::with_capacity(md.len() + extra);
+        copy_served(&tonic::metadata::MetadataMap::from_headers(md), &mut h);
+        h
+    };
+    headers.reserve(extra);
+    headers
+}
+
 /// The core's error as the HTTP envelope, with its headers.
 pub(crate) fn core_error(status: &tonic::Status) -> Response {
     let mut resp = Error::from_status(status).into_response();
@@ -338,9 +355,11 @@ async fn chat(state: HttpState, principal: Arc<Principal>, trace: Option<Request
             Ok(r) => r,
             Err(status) => return Ok(core_error(&status)),
         };
-        let mut out = Response::new(Body::from(openai_json::completion_to_json(resp.get_ref())));
-        out.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        copy_served(resp.metadata(), out.headers_mut());
+        let (md, completion, _) = resp.into_parts();
+        let mut out = Response::new(Body::from(openai_json::completion_to_json(&completion)));
+        let h = out.headers_mut();
+        *h = served_headers(md, 1);
+        h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         return Ok(out);
     }
     let resp = match state.core.complete_stream(req).await {
@@ -351,10 +370,10 @@ async fn chat(state: HttpState, principal: Arc<Principal>, trace: Option<Request
     let outcome = trace.map(|t| t.1);
     let mut out = Response::new(Body::from_stream(sse_body(chunks, outcome)));
     let h = out.headers_mut();
+    *h = served_headers(md, 3);
     h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     h.insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    copy_served(&md, h);
+    h.insert(http::HeaderName::from_static("x-accel-buffering"), HeaderValue::from_static("no"));
     Ok(out)
 }
 
@@ -396,7 +415,9 @@ where
                     false
                 }
                 Some(Ok(chunk)) => {
-                    sse_frame_into(&mut out, &openai_json::chunk_to_json(&chunk));
+                    out.extend_from_slice(b"data: ");
+                    openai_json::write_chunk_json(&mut out, &chunk);
+                    out.extend_from_slice(b"\n\n");
                     false
                 }
                 Some(Err(status)) => {
@@ -470,8 +491,9 @@ pub async fn request_id(mut req: Request, next: Next) -> Response {
         .filter(|v| !v.is_empty() && v.len() <= MAX_REQUEST_ID && v.as_bytes().iter().all(|b| b.is_ascii_graphic()))
         .cloned()
         .unwrap_or_else(|| {
-            let id = rand::random::<u128>();
-            HeaderValue::from_str(&format!("{id:032x}")).unwrap_or(HeaderValue::from_static("0"))
+            let mut id = String::with_capacity(32);
+            crate::telemetry::push_hex(&mut id, &rand::random::<[u8; 16]>());
+            HeaderValue::try_from(id).unwrap_or(HeaderValue::from_static("0"))
         });
     req.headers_mut().insert("x-request-id", id.clone());
     let mut resp = next.run(req).await;

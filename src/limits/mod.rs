@@ -74,20 +74,26 @@ impl Verdict {
         ceil_secs(us).max(1)
     }
 
-    /// `X-RateLimit-*` headers (lower case, as gRPC metadata wants them).
-    pub fn headers(&self) -> Vec<(&'static str, u64)> {
-        let mut out = Vec::with_capacity(6);
-        if let Some(d) = self.requests {
-            out.push(("x-ratelimit-limit", d.limit));
-            out.push(("x-ratelimit-remaining", d.remaining));
-            out.push(("x-ratelimit-reset", ceil_secs(d.reset_us)));
-        }
-        if let Some(d) = self.tokens {
-            out.push(("x-ratelimit-limit-tokens", d.limit));
-            out.push(("x-ratelimit-remaining-tokens", d.remaining));
-            out.push(("x-ratelimit-reset-tokens", ceil_secs(d.reset_us)));
-        }
-        out
+    /// `X-RateLimit-*` headers (lower case, as gRPC metadata wants them),
+    /// with names made at compile time: no allocation, no validation.
+    pub fn headers(&self) -> impl Iterator<Item = (http::HeaderName, u64)> {
+        use http::HeaderName;
+        const NAMES: [[HeaderName; 3]; 2] = [
+            [
+                HeaderName::from_static("x-ratelimit-limit"),
+                HeaderName::from_static("x-ratelimit-remaining"),
+                HeaderName::from_static("x-ratelimit-reset"),
+            ],
+            [
+                HeaderName::from_static("x-ratelimit-limit-tokens"),
+                HeaderName::from_static("x-ratelimit-remaining-tokens"),
+                HeaderName::from_static("x-ratelimit-reset-tokens"),
+            ],
+        ];
+        [self.requests, self.tokens].into_iter().zip(NAMES).flat_map(|(d, [limit, remaining, reset])| {
+            d.into_iter()
+                .flat_map(move |d| [(limit.clone(), d.limit), (remaining.clone(), d.remaining), (reset.clone(), ceil_secs(d.reset_us))])
+        })
     }
 }
 
@@ -95,7 +101,14 @@ impl Verdict {
 /// tokio's clock.
 struct Local {
     epoch: Instant,
-    tats: Mutex<HashMap<String, f64>>,
+    tats: Mutex<HashMap<Box<str>, Tats>>,
+}
+
+/// A key's theoretical arrival times, one per limit.
+#[derive(Debug, Clone, Copy, Default)]
+struct Tats {
+    requests: Option<f64>,
+    tokens: Option<f64>,
 }
 
 /// Keys idle this long have a full allowance again and are forgotten.
@@ -113,40 +126,53 @@ impl Local {
         Instant::now().saturating_duration_since(self.epoch).as_micros() as f64
     }
 
+    /// Changes the key's entry, made on first sight (the only allocation).
+    fn update(tats: &mut HashMap<Box<str>, Tats>, key: &str, f: impl FnOnce(&mut Tats)) {
+        match tats.get_mut(key) {
+            Some(t) => f(t),
+            None => {
+                let mut t = Tats::default();
+                f(&mut t);
+                tats.insert(key.into(), t);
+            }
+        }
+    }
+
     fn check(&self, key: &str, limits: &Limits, token_cost: u64, peek: bool) -> Verdict {
         let now = self.now_us();
         let mut tats = self.tats.lock().unwrap_or_else(|p| p.into_inner());
-        let rk = format!("req:{key}");
-        let tk = format!("tok:{key}");
-        let requests = limits.requests.map(|r| gcra::check(r, tats.get(&rk).copied(), now, if peek { 0 } else { 1 }));
-        let tokens = limits.tokens.map(|r| gcra::check(r, tats.get(&tk).copied(), now, if peek { 0 } else { token_cost }));
+        let held = tats.get(key).copied().unwrap_or_default();
+        let requests = limits.requests.map(|r| gcra::check(r, held.requests, now, if peek { 0 } else { 1 }));
+        let tokens = limits.tokens.map(|r| gcra::check(r, held.tokens, now, if peek { 0 } else { token_cost }));
         let allowed = requests.is_none_or(|d| d.allowed) && tokens.is_none_or(|d| d.allowed);
         if !allowed {
             // Nothing is counted: show each limit as it stands, with the
             // wait of whichever limit refused.
-            let unchanged = |rate: Option<Rate>, k: &str, d: Option<Decision>| {
+            let unchanged = |rate: Option<Rate>, tat: Option<f64>, d: Option<Decision>| {
                 rate.zip(d).map(|(r, d)| Decision {
                     allowed: false,
                     retry_after_us: if d.allowed { 0 } else { d.retry_after_us },
-                    ..gcra::check(r, tats.get(k).copied(), now, 0)
+                    ..gcra::check(r, tat, now, 0)
                 })
             };
             return Verdict {
                 allowed,
-                requests: unchanged(limits.requests, &rk, requests),
-                tokens: unchanged(limits.tokens, &tk, tokens),
+                requests: unchanged(limits.requests, held.requests, requests),
+                tokens: unchanged(limits.tokens, held.tokens, tokens),
             };
         }
-        if !peek {
+        if !peek && (requests.is_some() || tokens.is_some()) {
             if tats.len() >= MAX_LOCAL_KEYS {
-                tats.retain(|_, tat| *tat > now);
+                tats.retain(|_, t| t.requests.is_some_and(|tat| tat > now) || t.tokens.is_some_and(|tat| tat > now));
             }
-            if let Some(d) = requests {
-                tats.insert(rk, d.tat_us);
-            }
-            if let Some(d) = tokens {
-                tats.insert(tk, d.tat_us);
-            }
+            Self::update(&mut tats, key, |t| {
+                if let Some(d) = requests {
+                    t.requests = Some(d.tat_us);
+                }
+                if let Some(d) = tokens {
+                    t.tokens = Some(d.tat_us);
+                }
+            });
         }
         Verdict { allowed, requests, tokens }
     }
@@ -154,9 +180,7 @@ impl Local {
     fn reconcile(&self, key: &str, rate: Rate, delta: i64) {
         let now = self.now_us();
         let mut tats = self.tats.lock().unwrap_or_else(|p| p.into_inner());
-        let tk = format!("tok:{key}");
-        let tat = gcra::adjust(rate, tats.get(&tk).copied(), now, delta);
-        tats.insert(tk, tat);
+        Self::update(&mut tats, key, |t| t.tokens = Some(gcra::adjust(rate, t.tokens, now, delta)));
     }
 }
 
@@ -268,9 +292,10 @@ mod tests {
         let v = l.check("k", &limits, 50).await;
         assert!(!v.allowed, "over the token limit");
         assert_eq!(v.requests.unwrap().remaining, 9, "the refused request did not count");
-        let h = l.peek("k", &limits).await.headers();
-        assert!(h.contains(&("x-ratelimit-remaining", 9)));
-        assert!(h.contains(&("x-ratelimit-remaining-tokens", 10)));
+        let h: Vec<_> = l.peek("k", &limits).await.headers().collect();
+        assert!(h.iter().any(|(k, v)| k == "x-ratelimit-remaining" && *v == 9), "{h:?}");
+        assert!(h.iter().any(|(k, v)| k == "x-ratelimit-remaining-tokens" && *v == 10), "{h:?}");
+        assert_eq!(h.len(), 6);
         tokio::time::advance(Duration::from_secs(30)).await;
         assert!(l.check("k", &limits, 50).await.allowed);
     }

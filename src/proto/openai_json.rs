@@ -85,7 +85,10 @@ fn extra_json(map: Map<String, Value>) -> String {
 
 /// Parses an OpenAI chat completions request body.
 pub fn parse_request(body: &[u8]) -> Result<ParsedRequest, Error> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| Error::invalid(format!("request body is not valid JSON: {e}"), None))?;
+    // UTF-8 checked once over the whole body: `from_slice` checks each
+    // string on its own, which costs more (callgrind).
+    let text = std::str::from_utf8(body).map_err(|e| Error::invalid(format!("request body is not valid JSON: {e}"), None))?;
+    let value: Value = serde_json::from_str(text).map_err(|e| Error::invalid(format!("request body is not valid JSON: {e}"), None))?;
     let Value::Object(mut map) = value else {
         return Err(Error::invalid("request body must be a JSON object", None));
     };
@@ -704,7 +707,15 @@ pub fn completion_to_json(c: &ChatCompletion) -> Vec<u8> {
 
 /// A `chat.completion.chunk` object.
 pub fn chunk_to_json(c: &ChatChunk) -> Vec<u8> {
-    let out = OutChunk {
+    let mut out = Vec::with_capacity(256);
+    write_chunk_json(&mut out, c);
+    out
+}
+
+/// A `chat.completion.chunk` object, appended to `out` (an SSE frame being
+/// built) without a buffer of its own.
+pub fn write_chunk_json(out: &mut Vec<u8>, c: &ChatChunk) {
+    let chunk = OutChunk {
         id: &c.id,
         object: "chat.completion.chunk",
         created: c.created,
@@ -745,7 +756,8 @@ pub fn chunk_to_json(c: &ChatChunk) -> Vec<u8> {
         usage: c.usage.as_ref().map(OutUsage::from),
         system_fingerprint: c.system_fingerprint.as_deref(),
     };
-    serde_json::to_vec(&out).unwrap_or_default()
+    // Writing plain structs of strings and numbers into a Vec cannot fail.
+    let _ = serde_json::to_writer(out, &chunk);
 }
 
 // ---------------------------------------------------------------------------
@@ -884,7 +896,9 @@ fn raw_string(r: Option<Box<RawValue>>) -> String {
 
 /// Parses an upstream `chat.completion` body.
 pub fn completion_from_json(body: &[u8]) -> Result<ChatCompletion, serde_json::Error> {
-    let c: InCompletion = serde_json::from_slice(body)?;
+    // UTF-8 checked once over the whole body (see `parse_request`).
+    let text = std::str::from_utf8(body).map_err(<serde_json::Error as serde::de::Error>::custom)?;
+    let c: InCompletion = serde_json::from_str(text)?;
     Ok(ChatCompletion {
         id: c.id,
         created: c.created,
@@ -917,9 +931,11 @@ pub fn completion_from_json(body: &[u8]) -> Result<ChatCompletion, serde_json::E
     })
 }
 
-/// Parses one upstream `chat.completion.chunk` event.
-pub fn chunk_from_json(data: &[u8]) -> Result<ChatChunk, serde_json::Error> {
-    let c: InChunk = serde_json::from_slice(data)?;
+/// Parses one upstream `chat.completion.chunk` event. It takes `&str` (the
+/// SSE decoder has checked the UTF-8 once) because parsing from bytes checks
+/// every string again: a fifth of this function's cost in callgrind.
+pub fn chunk_from_json(data: &str) -> Result<ChatChunk, serde_json::Error> {
+    let c: InChunk = serde_json::from_str(data)?;
     Ok(ChatChunk {
         id: c.id,
         created: c.created,
@@ -1028,11 +1044,11 @@ mod tests {
 
     #[test]
     fn upstream_chunks_parse_tool_call_deltas_and_usage() {
-        let c = chunk_from_json(br#"{"id":"x","created":1,"model":"m","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_1","type":"function","function":{"name":"f","arguments":""}}]},"finish_reason":null}]}"#).unwrap();
+        let c = chunk_from_json(r#"{"id":"x","created":1,"model":"m","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"call_1","type":"function","function":{"name":"f","arguments":""}}]},"finish_reason":null}]}"#).unwrap();
         assert!(c.has_content());
         let tc = &c.choices[0].delta.as_ref().unwrap().tool_calls[0];
         assert_eq!(tc.id.as_deref(), Some("call_1"));
-        let u = chunk_from_json(br#"{"id":"x","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7,"prompt_tokens_details":{"cached_tokens":2}}}"#).unwrap();
+        let u = chunk_from_json(r#"{"id":"x","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7,"prompt_tokens_details":{"cached_tokens":2}}}"#).unwrap();
         assert_eq!(u.usage.unwrap().cached_tokens, Some(2));
         let json: Value = serde_json::from_slice(&chunk_to_json(&c)).unwrap();
         assert_eq!(json["choices"][0]["delta"]["tool_calls"][0]["type"], "function");

@@ -117,7 +117,7 @@ fn parse_event(id: &str, data: &str) -> Result<crate::proto::ChatChunk, Upstream
         let message = super::error_message(data.as_bytes());
         return Err(UpstreamError::new(id, UpstreamErrorKind::Server { status: 200 }, format!("error event: {message}")));
     }
-    openai_json::chunk_from_json(data.as_bytes())
+    openai_json::chunk_from_json(data)
         .map_err(|e| UpstreamError::new(id, UpstreamErrorKind::Malformed, format!("unparseable chunk: {e}")))
 }
 

@@ -40,7 +40,7 @@ impl SseDecoder {
     /// The next complete event in what was fed, if any.
     pub fn next_event(&mut self) -> Option<Result<SseEvent, SseError>> {
         loop {
-            let Some(pos) = self.buf.iter().position(|&b| b == b'\n' || b == b'\r') else {
+            let Some(pos) = memchr::memchr2(b'\n', b'\r', &self.buf) else {
                 if self.buf.len() + self.data.len() > MAX_EVENT_BYTES {
                     return Some(Err(SseError::Malformed("event over the size limit".into())));
                 }
