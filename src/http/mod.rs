@@ -399,7 +399,8 @@ where
     /// Scheduler rounds a write may wait for events in all, and per event.
     const MAX_YIELDS: u32 = 32;
     const YIELDS_PER_WAIT: u32 = 4;
-    futures_util::stream::unfold((chunks, false, outcome, false), |(mut chunks, done, outcome, started)| async move {
+    let writer = openai_json::ChunkWriter::default();
+    futures_util::stream::unfold((chunks, false, outcome, false, writer), |(mut chunks, done, outcome, started, mut writer)| async move {
         if done {
             return None;
         }
@@ -416,7 +417,7 @@ where
                 }
                 Some(Ok(chunk)) => {
                     out.extend_from_slice(b"data: ");
-                    openai_json::write_chunk_json(&mut out, &chunk);
+                    writer.write(&mut out, &chunk);
                     out.extend_from_slice(b"\n\n");
                     false
                 }
@@ -468,7 +469,7 @@ where
                 None => break false,
             }
         };
-        Some((Ok(Bytes::from(out)), (chunks, done, outcome, true)))
+        Some((Ok(Bytes::from(out)), (chunks, done, outcome, true, writer)))
     })
 }
 
