@@ -96,6 +96,11 @@ struct Load {
     /// Requests per second (open loop); absent: as fast as `conns` allow.
     #[arg(long)]
     rate: Option<f64>,
+    /// Stop after this many requests (closed loop), or at `duration`,
+    /// whichever comes first: a fixed amount of work, for counting
+    /// instructions (bench/instructions.sh).
+    #[arg(long)]
+    requests: Option<usize>,
     #[arg(long)]
     stream: bool,
     #[arg(long, default_value = "gpt-4o-mini")]
@@ -182,8 +187,9 @@ fn has_content(sse: &[u8]) -> bool {
     sse.windows(needle.len() + 1).any(|w| w.starts_with(needle) && w[needle.len()] != b'"')
 }
 
-/// Runs `one` closed-loop on `conns` workers, or open-loop at `rate`.
-async fn drive<F, Fut>(conns: usize, duration: Duration, rate: Option<f64>, one: F) -> (Samples, Duration)
+/// Runs `one` closed-loop on `conns` workers (at most `requests` in all),
+/// or open-loop at `rate`.
+async fn drive<F, Fut>(conns: usize, duration: Duration, rate: Option<f64>, requests: Option<usize>, one: F) -> (Samples, Duration)
 where
     F: Fn(usize, Instant) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<(u64, Option<u64>), ()>> + Send,
@@ -205,12 +211,15 @@ where
     match rate {
         None => {
             let mut workers = Vec::new();
+            let started_requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
             for w in 0..conns {
                 let one = one.clone();
                 let samples = samples.clone();
+                let started_requests = started_requests.clone();
+                let another = move || requests.is_none_or(|n| started_requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < n);
                 workers.push(tokio::spawn(async move {
                     let mut local = Samples::default();
-                    while Instant::now() < end {
+                    while Instant::now() < end && another() {
                         match one(w, Instant::now()).await {
                             Ok((lat, ttft)) => {
                                 local.latency.push(lat);
@@ -289,12 +298,12 @@ fn rss(pid: u32) -> u64 {
 async fn main() {
     match Args::parse().cmd {
         Cmd::Http {
-            load: Load { url, key, conns, duration, rate, stream, model, label },
+            load: Load { url, key, conns, duration, rate, requests, stream, model, label },
         } => {
             let client = reqwest::Client::builder().pool_max_idle_per_host(conns.max(64)).tcp_nodelay(true).build().unwrap();
             let endpoint = format!("{}/v1/chat/completions", url.trim_end_matches('/'));
             let body = chat_body(&model, stream);
-            let (samples, elapsed) = drive(conns, duration, rate, move |_, due| {
+            let (samples, elapsed) = drive(conns, duration, rate, requests, move |_, due| {
                 let (client, endpoint, key, body) = (client.clone(), endpoint.clone(), key.clone(), body.clone());
                 async move { http_once(&client, &endpoint, &key, &body, stream, due).await }
             })
@@ -303,7 +312,7 @@ async fn main() {
             println!("{}", with_rate(samples.figures(&label, kind, elapsed), rate));
         }
         Cmd::Grpc {
-            load: Load { url, key, conns, duration, rate, stream, model, label },
+            load: Load { url, key, conns, duration, rate, requests, stream, model, label },
             channels,
         } => {
             let mut clients = Vec::new();
@@ -311,7 +320,7 @@ async fn main() {
                 clients.push(ChatClient::connect(url.clone()).await.expect("gRPC connect"));
             }
             let clients = Arc::new(clients);
-            let (samples, elapsed) = drive(conns, duration, rate, move |w, due| {
+            let (samples, elapsed) = drive(conns, duration, rate, requests, move |w, due| {
                 let mut client = clients[w % clients.len()].clone();
                 let (model, key) = (model.clone(), key.clone());
                 async move {
