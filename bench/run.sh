@@ -50,15 +50,17 @@ trap cleanup EXIT
 ulimit -n "$(ulimit -Hn)" || true
 
 on_load() { taskset -c "$LOAD_CORE" "$@"; }
-on_proxy() { taskset -c "$PROXY_CORE" "$@"; }
 wait_up() { for _ in $(seq 1 100); do curl -fs "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "bench: $1 did not come up" >&2; exit 1; }
 
 # gateway_config: the gateway under test, shared with bench/instructions.sh.
 source bench/gateway.sh
 
 echo "bench: starting the simulator, an OTLP sink and the gateways" >&2
-on_load "$LOAD" otlp-sink --port "$OTLP_PORT" & PIDS+=($!)
-on_load "$BIN" simulate --port "$SIM_PORT" --profile fast 2>"$WORK/sim.log" & PIDS+=($!)
+# Started by taskset itself, not through on_load: a backgrounded shell
+# function is a subshell, and killing it at the end left the simulator
+# and the sink running (and holding their ports for the next run).
+taskset -c "$LOAD_CORE" "$LOAD" otlp-sink --port "$OTLP_PORT" & PIDS+=($!)
+taskset -c "$LOAD_CORE" "$BIN" simulate --port "$SIM_PORT" --profile fast 2>"$WORK/sim.log" & PIDS+=($!)
 gateway_config "$GW_PORT" 1 > "$WORK/gw.toml"
 gateway_config "$GW_OFF_PORT" 0 > "$WORK/gw-off.toml"
 gateway_config "$GW_H2_PORT" 1 http2 > "$WORK/gw-h2.toml"
@@ -66,7 +68,7 @@ gateway_config "$GW_H2_PORT" 1 http2 > "$WORK/gw-h2.toml"
 (cd "$WORK" && exec taskset -c "$PROXY_CORE" "$OLDPWD/$BIN" serve --config gw-off.toml 2>gw-off.log) & PIDS+=($!)
 (cd "$WORK" && exec taskset -c "$PROXY_CORE" "$OLDPWD/$BIN" serve --config gw-h2.toml 2>gw-h2.log) & GW_H2_PID=$!; PIDS+=($GW_H2_PID)
 cp bench/nginx.conf "$WORK/nginx.conf"
-on_proxy nginx -p "$WORK" -c "$WORK/nginx.conf" -g 'daemon off;' & PIDS+=($!)
+taskset -c "$PROXY_CORE" nginx -p "$WORK" -c "$WORK/nginx.conf" -g 'daemon off;' & PIDS+=($!)
 wait_up "http://127.0.0.1:$GW_PORT/healthz"
 wait_up "http://127.0.0.1:$GW_OFF_PORT/healthz"
 wait_up "http://127.0.0.1:$GW_H2_PORT/healthz"
