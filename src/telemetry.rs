@@ -15,6 +15,8 @@
 //! Nothing here ever records a provider secret: spans carry the provider
 //! id, models, outcome and token counts, never headers or bodies.
 
+mod otlp;
+
 use std::{
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -39,7 +41,7 @@ use opentelemetry::{
 use opentelemetry_sdk::{
     error::OTelSdkResult,
     propagation::TraceContextPropagator,
-    trace::{Sampler, SdkTracer, SdkTracerProvider, SpanData, SpanExporter, SpanProcessor},
+    trace::{Sampler, SdkTracer, SdkTracerProvider, SpanData, SpanProcessor},
     Resource,
 };
 use tokio::sync::{mpsc, oneshot};
@@ -138,13 +140,13 @@ impl SpanProcessor for QueueProcessor {
 /// Exports queued spans in batches of at most [`EXPORT_BATCH`], a window
 /// after the first arrives; a failed export loses that batch, never blocks
 /// the queue.
-async fn export_loop(exporter: opentelemetry_otlp::SpanExporter, mut rx: mpsc::Receiver<Export>, failing: Arc<AtomicBool>) {
+async fn export_loop(exporter: otlp::OtlpExporter, mut rx: mpsc::Receiver<Export>, failing: Arc<AtomicBool>) {
     let mut batch: Vec<SpanData> = Vec::new();
     let send = |batch: Vec<SpanData>| {
-        let fut = exporter.export(batch);
+        let exporter = exporter.clone();
         let failing = failing.clone();
         async move {
-            let failed = match tokio::time::timeout(EXPORT_TIMEOUT, fut).await {
+            let failed = match tokio::time::timeout(EXPORT_TIMEOUT, exporter.export(&batch)).await {
                 Ok(Ok(())) => false,
                 Ok(Err(e)) => {
                     tracing::debug!("span export failed: {e}");
@@ -209,14 +211,7 @@ impl Telemetry {
         let mut export = None;
         let export_failing = Arc::new(AtomicBool::new(false));
         if let Some(endpoint) = &config.otlp_endpoint {
-            use opentelemetry_otlp::WithExportConfig;
-            let mut exporter = opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
-                .with_endpoint(endpoint.clone())
-                .with_timeout(EXPORT_TIMEOUT)
-                .build()
-                .map_err(|e| TelemetryError(e.to_string()))?;
-            exporter.set_resource(&resource);
+            let exporter = otlp::OtlpExporter::new(endpoint, EXPORT_TIMEOUT, &resource).map_err(TelemetryError)?;
             let (tx, rx) = mpsc::channel(EXPORT_QUEUE);
             tokio::spawn(export_loop(exporter, rx, export_failing.clone()));
             builder = builder.with_span_processor(QueueProcessor { tx: tx.clone() });
