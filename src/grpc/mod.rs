@@ -555,6 +555,8 @@ impl Relay {
     async fn relay(&self, routed: &mut RoutedStream) -> End {
         loop {
             let next = tokio::select! {
+                // In this order, without drawing a random number a chunk.
+                biased;
                 // The client left: the caller drops the stream, which
                 // closes the upstream.
                 _ = self.tx.closed() => {
