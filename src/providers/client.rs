@@ -56,7 +56,13 @@ impl ChatClient {
             .pool_idle_timeout(pool.idle_timeout)
             .pool_max_idle_per_host(pool.max_idle_per_host)
             .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new());
+            .timer(TokioTimer::new())
+            // An HTTP/1.1 connection's read buffer: a page, not hyper's
+            // 8 KB that grows. Each held stream holds a connection, and
+            // SSE events and most answers are far smaller; a large answer
+            // takes a few more reads. 10,000 held streams: 565-574 MB
+            // resident -> 507-538 MB.
+            .http1_read_buf_exact_size(4096);
         if protocol == UpstreamProtocol::Http2 {
             builder
                 .http2_only(true)

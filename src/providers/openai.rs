@@ -735,6 +735,9 @@ mod tests {
                     Json(json!({"error": {"message": format!("slow down, {KEY}")}})),
                 )
                     .into_response(),
+                // Far larger than the connection's 4 KB read buffer.
+                Some("big") => Json(json!({"id": "u", "created": 1, "choices": [{"index": 0, "message": {"role": "assistant", "content": "x".repeat(200_000)}, "finish_reason": "stop"}]}))
+                    .into_response(),
                 _ if body["stream"] == json!(true) => {
                     assert_eq!(headers["accept"], "text/event-stream");
                     let sse = "data: {\"id\":\"u\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n";
@@ -753,6 +756,8 @@ mod tests {
 
         let done = a.complete(&ask("hello"), &route("gpt-up")).await.unwrap();
         assert_eq!(done.choices[0].message.as_ref().and_then(|m| crate::proto::openai_json::message_text(m).next()), Some("hello"));
+        let big = a.complete(&ask("big"), &route("gpt-up")).await.unwrap();
+        assert_eq!(big.choices[0].message.as_ref().and_then(|m| crate::proto::openai_json::message_text(m).next()).map(str::len), Some(200_000));
 
         let mut chunks = a.stream(&ask("hello"), &route("gpt-up")).await.unwrap();
         let first = chunks.next().await.unwrap().unwrap();
