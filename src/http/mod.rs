@@ -279,7 +279,10 @@ const FORWARDED_METADATA: [&str; 9] = [
 /// HTTP headers: one pass over the metadata, names and values moved as they
 /// are (no lookups by string, no re-validation).
 pub(crate) fn copy_served(md: &tonic::metadata::MetadataMap, headers: &mut HeaderMap) {
-    let md: &HeaderMap = md.as_ref();
+    copy_forwarded(md.as_ref(), headers);
+}
+
+fn copy_forwarded(md: &HeaderMap, headers: &mut HeaderMap) {
     headers.reserve(md.len());
     for (name, value) in md {
         if FORWARDED_METADATA.contains(&name.as_str()) {
@@ -298,7 +301,7 @@ fn served_headers(md: tonic::metadata::MetadataMap, extra: usize) -> HeaderMap {
         md
     } else {
         let mut h = HeaderMap::with_capacity(md.len() + extra);
-        copy_served(&tonic::metadata::MetadataMap::from_headers(md), &mut h);
+        copy_forwarded(&md, &mut h);
         h
     };
     headers.reserve(extra);
@@ -416,9 +419,7 @@ where
                     false
                 }
                 Some(Ok(chunk)) => {
-                    out.extend_from_slice(b"data: ");
-                    writer.write(&mut out, &chunk);
-                    out.extend_from_slice(b"\n\n");
+                    sse_frame_into(&mut out, |out| writer.write(out, &chunk));
                     false
                 }
                 Some(Err(status)) => {
@@ -426,7 +427,8 @@ where
                     if let Some(o) = &outcome {
                         o.set_code(e.code());
                     }
-                    sse_frame_into(&mut out, &e.envelope_bytes());
+                    let envelope = e.envelope_bytes();
+                    sse_frame_into(&mut out, |out| out.extend_from_slice(&envelope));
                     true
                 }
                 None => {
@@ -473,10 +475,10 @@ where
     })
 }
 
-fn sse_frame_into(out: &mut Vec<u8>, json: &[u8]) {
-    out.reserve(json.len() + 8);
+/// One `data:` event, its JSON written in place by `json`.
+fn sse_frame_into(out: &mut Vec<u8>, json: impl FnOnce(&mut Vec<u8>)) {
     out.extend_from_slice(b"data: ");
-    out.extend_from_slice(json);
+    json(out);
     out.extend_from_slice(b"\n\n");
 }
 
@@ -500,4 +502,26 @@ pub async fn request_id(mut req: Request, next: Next) -> Response {
     let mut resp = next.run(req).await;
     resp.headers_mut().insert("x-request-id", id);
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn served_headers_carry_only_what_clients_get() {
+        let mut md = tonic::metadata::MetadataMap::new();
+        md.insert(crate::grpc::META_PROVIDER, "oa-1".parse().unwrap());
+        md.insert("x-ratelimit-remaining", "9".parse().unwrap());
+        // Taken whole when nothing else is there.
+        let h = served_headers(md.clone(), 1);
+        assert_eq!(h.len(), 2);
+        assert_eq!(h["x-switchyard-provider"], "oa-1");
+        // Anything else the core set stays behind.
+        md.insert(crate::error::META_ERROR_CODE, "internal".parse().unwrap());
+        let h = served_headers(md, 1);
+        assert_eq!(h.len(), 2);
+        assert_eq!(h["x-ratelimit-remaining"], "9");
+        assert!(!h.contains_key(crate::error::META_ERROR_CODE));
+    }
 }

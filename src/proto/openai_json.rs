@@ -700,17 +700,12 @@ pub fn completion_to_json(c: &ChatCompletion) -> Vec<u8> {
     serde_json::to_vec(&out).unwrap_or_default()
 }
 
-/// A `chat.completion.chunk` object.
+/// A `chat.completion.chunk` object on its own (a stream's are written by
+/// a [`ChunkWriter`]).
 pub fn chunk_to_json(c: &ChatChunk) -> Vec<u8> {
     let mut out = Vec::with_capacity(256);
-    write_chunk_json(&mut out, c);
+    ChunkWriter::default().write(&mut out, c);
     out
-}
-
-/// A `chat.completion.chunk` object, appended to `out` (an SSE frame being
-/// built) without a buffer of its own.
-pub fn write_chunk_json(out: &mut Vec<u8>, c: &ChatChunk) {
-    ChunkWriter::default().write(out, c);
 }
 
 /// Writes one stream's `chat.completion.chunk` objects. The part every

@@ -308,15 +308,16 @@ impl Scalar<'_> {
     }
 }
 
-/// The array's members as scalars (`Array` is non-exhaustive: a kind this
-/// code does not know is written as an empty array).
-fn array_members(a: &Array) -> Box<dyn Iterator<Item = Scalar<'_>> + '_> {
+/// Calls `f` with each of the array's members as a scalar, without
+/// allocating (`Array` is non-exhaustive: a kind this code does not know is
+/// written as an empty array).
+fn for_each_member<'a>(a: &'a Array, mut f: impl FnMut(Scalar<'a>)) {
     match a {
-        Array::Bool(v) => Box::new(v.iter().map(|b| Scalar::Bool(*b))),
-        Array::I64(v) => Box::new(v.iter().map(|i| Scalar::Int(*i))),
-        Array::F64(v) => Box::new(v.iter().map(|d| Scalar::Double(*d))),
-        Array::String(v) => Box::new(v.iter().map(|s| Scalar::Str(s.as_str()))),
-        _ => Box::new(std::iter::empty()),
+        Array::Bool(v) => v.iter().for_each(|b| f(Scalar::Bool(*b))),
+        Array::I64(v) => v.iter().for_each(|i| f(Scalar::Int(*i))),
+        Array::F64(v) => v.iter().for_each(|d| f(Scalar::Double(*d))),
+        Array::String(v) => v.iter().for_each(|s| f(Scalar::Str(s.as_str()))),
+        _ => {}
     }
 }
 
@@ -332,12 +333,12 @@ fn scalar(v: &Value) -> Option<Scalar<'_>> {
 
 /// The length of an `ArrayValue` body: each member an `AnyValue` (field 1).
 fn array_len(a: &Array) -> usize {
-    array_members(a)
-        .map(|m| {
-            let l = m.len();
-            1 + encoded_len_varint(l as u64) + l
-        })
-        .sum()
+    let mut len = 0;
+    for_each_member(a, |m| {
+        let l = m.len();
+        len += 1 + encoded_len_varint(l as u64) + l;
+    });
+    len
 }
 
 fn any_value_len(v: &Value) -> usize {
@@ -358,11 +359,11 @@ fn any_value(out: &mut Vec<u8>, v: &Value) {
         (None, Value::Array(a)) => {
             encode_key(5, WireType::LengthDelimited, out);
             encode_varint(array_len(a) as u64, out);
-            for m in array_members(a) {
+            for_each_member(a, |m| {
                 encode_key(1, WireType::LengthDelimited, out);
                 encode_varint(m.len() as u64, out);
                 m.write(out);
-            }
+            });
         }
         _ => {}
     }
