@@ -237,7 +237,24 @@ where
         }
         Some(rate) => {
             let interval = Duration::from_secs_f64(1.0 / rate);
-            let mut due = started;
+            // Requests are released when due by a thread of their own:
+            // tokio's timers tick in whole milliseconds, which released them
+            // in bursts (five at once every millisecond at 5,000/s), and a
+            // burst queues at the target as real traffic at that rate would
+            // not. `thread::sleep` wakes within tens of microseconds.
+            let (release, mut released) = tokio::sync::mpsc::unbounded_channel();
+            std::thread::spawn(move || {
+                let mut due = started;
+                while due < end {
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    if release.send(due).is_err() {
+                        return;
+                    }
+                    due += interval;
+                }
+            });
             let mut tasks = Vec::new();
             let mut i = 0usize;
             // At most `conns` in flight, as a pool of that many connections
@@ -246,8 +263,7 @@ where
             // Unbounded, a brief stall made the client open thousands of
             // connections and the target ran out of file descriptors.
             let in_flight = Arc::new(tokio::sync::Semaphore::new(conns.max(1)));
-            while due < end {
-                tokio::time::sleep_until(due.into()).await;
+            while let Some(due) = released.recv().await {
                 let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
                 i += 1;
                 let one = one.clone();
@@ -257,7 +273,6 @@ where
                     drop(permit);
                     record(&samples, r);
                 }));
-                due += interval;
             }
             for t in tasks {
                 t.await.unwrap();
