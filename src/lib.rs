@@ -34,6 +34,10 @@
 //! upstream connection is dropped. The ledger row of every routed request is
 //! made durable before the client's last byte (`accounting/`).
 //!
+//! Off the path: the ledger's database writer, span export and the log
+//! writer run on threads of their own at a lower priority (`background.rs`),
+//! so their batches wait for idle moments instead of stalling requests.
+//!
 //! A generation takes a detour: `grpc/generations.rs` stores it as a job
 //! and long-polls it; a worker (`generations/`, on whichever replica claims
 //! the job's lease) routes it through the same `routing/` and `providers/`.
@@ -53,6 +57,7 @@ use axum::{middleware, serve::ListenerExt};
 use tokio::net::TcpListener;
 
 pub mod accounting;
+pub mod background;
 pub mod auth;
 pub mod config;
 pub mod demo;

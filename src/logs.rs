@@ -72,7 +72,11 @@ pub fn batched<W: Write + Send + 'static>(out: W, window: Duration, max_pending:
     });
     let thread = std::thread::Builder::new().name("log-writer".into()).spawn({
         let shared = shared.clone();
-        move || write_batches(&shared, out, window)
+        move || {
+            // Lines wait for an idle moment, not the requests for the lines.
+            crate::background::lower_this_thread();
+            write_batches(&shared, out, window)
+        }
     })?;
     Ok((BatchedWriter { shared: shared.clone() }, LogGuard { shared, thread: Some(thread) }))
 }

@@ -211,9 +211,24 @@ impl Telemetry {
         let mut export = None;
         let export_failing = Arc::new(AtomicBool::new(false));
         if let Some(endpoint) = &config.otlp_endpoint {
-            let exporter = otlp::OtlpExporter::new(endpoint, EXPORT_TIMEOUT, &resource).map_err(TelemetryError)?;
             let (tx, rx) = mpsc::channel(EXPORT_QUEUE);
-            tokio::spawn(export_loop(exporter, rx, export_failing.clone()));
+            // Encoding and sending batches is background work: on a thread
+            // of its own, where the exporter's connection lives too.
+            let (made, exporter) = std::sync::mpsc::sync_channel(1);
+            let (endpoint, resource, failing) = (endpoint.clone(), resource.clone(), export_failing.clone());
+            crate::background::spawn("span-export", move || async move {
+                match otlp::OtlpExporter::new(&endpoint, EXPORT_TIMEOUT, &resource) {
+                    Ok(exporter) => {
+                        let _ = made.send(Ok(()));
+                        export_loop(exporter, rx, failing).await;
+                    }
+                    Err(e) => {
+                        let _ = made.send(Err(e));
+                    }
+                }
+            })
+            .map_err(|e| TelemetryError(format!("starting span export: {e}")))?;
+            exporter.recv().map_err(|_| TelemetryError("span export ended at start".into()))?.map_err(TelemetryError)?;
             builder = builder.with_span_processor(QueueProcessor { tx: tx.clone() });
             export = Some(tx);
         }

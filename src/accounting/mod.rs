@@ -127,6 +127,8 @@ const ROTATE_BYTES: u64 = 1024 * 1024;
 /// replays the journal file instead (the database being down, say).
 const MAX_PENDING: usize = 100_000;
 const FLUSH_EVERY: Duration = Duration::from_millis(50);
+/// How long opening waits for the journal's lock (see [`Ledger::open`]).
+const LOCK_WAIT: Duration = Duration::from_secs(2);
 const BUDGET_REFRESH: Duration = Duration::from_millis(250);
 /// How long a budget check waits on the database before using what it has.
 const BUDGET_READ_TIMEOUT: Duration = Duration::from_millis(200);
@@ -149,7 +151,11 @@ pub struct Ledger {
     journal: Mutex<Journal>,
     path: PathBuf,
     storage: Storage,
-    wake: Notify,
+    /// Wakes the writer: a row arrived, or the ledger is gone.
+    wake: Arc<Notify>,
+    /// Held through a flush: one returns with what was journaled before it
+    /// in the database, not in the writer's hands.
+    flushing: tokio::sync::Mutex<()>,
     spent: Mutex<HashMap<String, Spent>>,
     /// Cost journaled here but not yet in the database, by key.
     unflushed: Mutex<HashMap<String, f64>>,
@@ -181,14 +187,7 @@ impl Ledger {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(err)?;
         }
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(err)?;
-        // One gateway per journal: two appending and truncating one file
-        // could lose rows.
-        file.try_lock().map_err(|_| {
-            err(std::io::Error::other(
-                "in use by another gateway process; give each replica its own storage.ledger_journal",
-            ))
-        })?;
+        let file = open_locked(path, LOCK_WAIT).map_err(err)?;
         let redis_url = redis.clone();
         let redis = match redis {
             Some((url, stream)) => Some(redis_stream::RedisLedger::new(url, stream).map_err(|e| err(std::io::Error::other(e.to_string())))?),
@@ -203,14 +202,18 @@ impl Ledger {
             }),
             path: path.to_owned(),
             storage: storage.clone(),
-            wake: Notify::new(),
+            wake: Arc::default(),
+            flushing: tokio::sync::Mutex::new(()),
             spent: Mutex::default(),
             unflushed: Mutex::default(),
             flushes: std::sync::atomic::AtomicU64::new(0),
             redis,
             metrics: Default::default(),
         });
-        tokio::spawn(writer(Arc::downgrade(&ledger)));
+        // Off the request runtime, at background priority: a flush's
+        // statement building and SQLite's work on it wait for idle moments.
+        let (weak, wake) = (Arc::downgrade(&ledger), ledger.wake.clone());
+        crate::background::spawn("ledger-writer", move || writer(weak, wake)).map_err(err)?;
         if let Some((url, stream)) = redis_url {
             let drainer = tokio::spawn(redis_stream::RedisLedger::drain(url.to_owned(), stream, storage));
             // The drainer lives as long as the ledger.
@@ -350,7 +353,7 @@ impl Ledger {
     }
 
     pub async fn flush(&self) {
-        if let Err(e) = flush_once(self).await {
+        if let Err(e) = flush_once(self, &self.storage).await {
             tracing::error!("ledger flush at shutdown: {e}; the journal keeps the rows for the next start");
         }
     }
@@ -361,7 +364,8 @@ impl Ledger {
 /// then empties a journal that is all in the database and large enough.
 /// Inserts skip request ids already present, so a line written twice lands
 /// once.
-async fn flush_once(ledger: &Ledger) -> Result<(), String> {
+async fn flush_once(ledger: &Ledger, storage: &Storage) -> Result<(), String> {
+    let _one_at_a_time = ledger.flushing.lock().await;
     let (pending, replay) = {
         let mut j = ledger.journal.lock().unwrap_or_else(|p| p.into_inner());
         let replay = std::mem::take(&mut j.overflowed);
@@ -369,7 +373,7 @@ async fn flush_once(ledger: &Ledger) -> Result<(), String> {
     };
     let entries = if replay { read_journal(&ledger.path).await? } else { pending };
     if !entries.is_empty() {
-        if let Err(e) = ledger.storage.insert_entries(&entries).await {
+        if let Err(e) = storage.insert_entries(&entries).await {
             // Not lost: the file still holds them; replay it next time.
             ledger.journal.lock().unwrap_or_else(|p| p.into_inner()).overflowed = true;
             return Err(e.to_string());
@@ -395,6 +399,45 @@ async fn flush_once(ledger: &Ledger) -> Result<(), String> {
     // Closing the replaced file frees its pages: off the request path.
     tokio::task::spawn_blocking(move || drop(old));
     Ok(())
+}
+
+/// Opens the journal at `path` for appends, holding its lock.
+///
+/// One gateway per journal: two appending and truncating one file could
+/// lose rows. A ledger of this process that was just dropped lets go of
+/// the lock once its writer ends the batch in hand, so this waits a little
+/// for it before refusing; and since that batch may end by renaming a
+/// fresh journal over `path`, the file locked must still be the one there.
+fn open_locked(path: &Path, wait: Duration) -> std::io::Result<std::fs::File> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        match file.try_lock() {
+            Ok(()) if is_at(&file, path)? => return Ok(file),
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(std::io::Error::other(
+                    "in use by another gateway process; give each replica its own storage.ledger_journal",
+                ))
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(e),
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Whether `file` is (still) the file at `path`.
+#[cfg(unix)]
+fn is_at(file: &std::fs::File, path: &Path) -> std::io::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let (open, named) = (file.metadata()?, std::fs::metadata(path)?);
+    Ok((open.dev(), open.ino()) == (named.dev(), named.ino()))
+}
+
+#[cfg(not(unix))]
+fn is_at(_file: &std::fs::File, _path: &Path) -> std::io::Result<bool> {
+    Ok(true)
 }
 
 /// A journal holding `pending`'s lines, renamed over the one at `path`
@@ -440,28 +483,82 @@ async fn read_journal(path: &Path) -> Result<Vec<Entry>, String> {
         .collect())
 }
 
-async fn writer(ledger: std::sync::Weak<Ledger>) {
+/// Holds the ledger only while it flushes, so that dropping the last
+/// handle elsewhere releases the journal (and its lock) at once, or after
+/// the batch in hand; then it stops.
+async fn writer(ledger: std::sync::Weak<Ledger>, wake: Arc<Notify>) {
+    // Its own connection, opened from this thread: SQLite's worker thread
+    // for it inherits this one's priority.
+    let Some(storage) = ledger.upgrade().map(|l| l.storage.for_background_writer()) else { return };
     loop {
-        let Some(l) = ledger.upgrade() else { return };
-        if let Err(e) = flush_once(&l).await {
-            tracing::error!("ledger writer: {e}; retrying");
-        }
-        let notified = async {
-            tokio::select! {
-                _ = l.wake.notified() => {}
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        {
+            let Some(l) = ledger.upgrade() else { return };
+            if let Err(e) = flush_once(&l, &storage).await {
+                tracing::error!("ledger writer: {e}; retrying");
             }
-        };
-        notified.await;
-        drop(l);
+        }
+        tokio::select! {
+            _ = wake.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        if ledger.strong_count() == 0 {
+            return;
+        }
         // Batch what arrives meanwhile.
         tokio::time::sleep(FLUSH_EVERY).await;
+    }
+}
+
+impl Drop for Ledger {
+    fn drop(&mut self) {
+        // The writer stops rather than wait out its timer.
+        self.wake.notify_one();
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn temp_path(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("switchyard-ledger-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join("journal.jsonl")
+    }
+
+    #[test]
+    fn a_journal_held_elsewhere_is_refused_after_the_wait() {
+        let path = temp_path("held");
+        let _held = open_locked(&path, Duration::ZERO).unwrap();
+        let started = std::time::Instant::now();
+        let refused = open_locked(&path, Duration::from_millis(100)).unwrap_err();
+        assert!(refused.to_string().contains("in use by another gateway process"), "{refused}");
+        assert!(started.elapsed() >= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn a_waiting_opener_takes_the_journal_at_the_path_once_a_rotating_holder_lets_go() {
+        let path = temp_path("rotated");
+        let old = open_locked(&path, Duration::ZERO).unwrap();
+        // While another opener waits, the holder rotates (a fresh journal
+        // renamed over the path, locked) and then lets go of both.
+        let waiter = std::thread::spawn({
+            let path = path.clone();
+            move || open_locked(&path, Duration::from_secs(5))
+        });
+        std::thread::sleep(Duration::from_millis(30));
+        let mut fresh = fresh_journal(&path, &[]).unwrap();
+        // Locking `old` now would lock a file no longer at the path.
+        assert!(!is_at(&old, &path).unwrap() && is_at(&fresh, &path).unwrap());
+        drop(old);
+        std::thread::sleep(Duration::from_millis(30));
+        fresh.write_all(b"a line\n").unwrap();
+        drop(fresh);
+        let mut taken = waiter.join().unwrap().unwrap();
+        assert!(is_at(&taken, &path).unwrap());
+        taken.write_all(b"another\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "a line\nanother\n");
+    }
 
     #[test]
     fn cached_input_is_priced_as_cached_not_on_top() {

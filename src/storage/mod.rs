@@ -139,6 +139,26 @@ impl Storage {
         Ok(storage)
     }
 
+    /// The storage a background writer uses (`background.rs`): a pool of
+    /// its own, of one connection opened on first use, from the writer's
+    /// thread. SQLite's worker thread for it is then spawned by (and as
+    /// low in priority as) the writer's; a PostgreSQL socket is driven by
+    /// the writer's runtime, not by a request thread's (nor the reverse).
+    /// Call it on the writer's runtime.
+    pub fn for_background_writer(&self) -> Storage {
+        match self {
+            Storage::Sqlite(pool) => {
+                Storage::Sqlite(SqlitePoolOptions::new().max_connections(1).connect_lazy_with((*pool.connect_options()).clone()))
+            }
+            Storage::Postgres(pool) => Storage::Postgres(
+                PgPoolOptions::new()
+                    .max_connections(1)
+                    .acquire_timeout(Duration::from_secs(5))
+                    .connect_lazy_with((*pool.connect_options()).clone()),
+            ),
+        }
+    }
+
     pub async fn create_key(&self, k: &NewKey<'_>) -> Result<(), StorageError> {
         let models = serde_json::to_string(k.models).unwrap_or_else(|_| "[\"*\"]".into());
         let sql = "INSERT INTO keys (name, digest, models, requests_per_minute, tokens_per_minute, budget_usd, created_at) \
