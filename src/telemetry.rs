@@ -16,6 +16,7 @@
 //! id, models, outcome and token counts, never headers or bodies.
 
 mod otlp;
+pub mod text_log;
 
 use std::{
     sync::{
@@ -74,7 +75,11 @@ pub fn init_logs(format: LogFormat) -> std::io::Result<crate::logs::LogGuard> {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = fmt().with_env_filter(filter).with_ansi(ansi).with_writer(writer);
     let _ = match format {
-        LogFormat::Text => builder.try_init(),
+        // The default text format's bytes, written for less (text_log.rs).
+        LogFormat::Text => builder
+            .fmt_fields(text_log::PlainFields::default())
+            .event_format(text_log::TextFormat::default())
+            .try_init(),
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).with_span_list(false).try_init(),
     };
     Ok(guard)
@@ -450,7 +455,7 @@ impl Drop for Finish {
         let elapsed = self.outcome.elapsed();
         self.metrics.request(&self.endpoint, &self.outcome, code, elapsed);
         tracing::info!(
-            target: "switchyard::access",
+            target: text_log::ACCESS_TARGET,
             parent: &self.log,
             endpoint = %self.endpoint,
             model = self.outcome.model().unwrap_or(""),
