@@ -29,6 +29,7 @@ use tokio::{sync::Notify, time::Instant};
 
 use crate::{config::Price, storage::Storage};
 
+mod json_line;
 pub mod redis_stream;
 
 /// A request, as the ledger records it.
@@ -245,7 +246,8 @@ impl Ledger {
     /// Appends to the local journal; returns once the line is in the
     /// kernel's hands. The entry is kept (moved, not copied) for the writer.
     pub fn journal(&self, entry: Entry) -> Result<(), std::io::Error> {
-        let mut line = serde_json::to_vec(&entry).map_err(std::io::Error::other)?;
+        let mut line = Vec::with_capacity(768);
+        json_line::write_entry(&mut line, &entry);
         line.push(b'\n');
         if entry.row.cost_usd > 0.0 {
             let mut unflushed = self.unflushed.lock().unwrap_or_else(|p| p.into_inner());
@@ -446,7 +448,7 @@ fn is_at(_file: &std::fs::File, _path: &Path) -> std::io::Result<bool> {
 fn fresh_journal(path: &Path, pending: &[Entry]) -> std::io::Result<std::fs::File> {
     let mut lines = Vec::with_capacity(pending.len() * 512);
     for e in pending {
-        serde_json::to_writer(&mut lines, e).map_err(std::io::Error::other)?;
+        json_line::write_entry(&mut lines, e);
         lines.push(b'\n');
     }
     let mut tmp = path.as_os_str().to_owned();

@@ -67,7 +67,8 @@ impl RedisLedger {
 
     /// Appends one entry; `Ok` once Redis has it.
     pub async fn append(&self, entry: &Entry) -> Result<(), String> {
-        let json = serde_json::to_string(entry).map_err(|e| e.to_string())?;
+        let mut json = Vec::with_capacity(768);
+        super::json_line::write_entry(&mut json, entry);
         let mut conn = self.connection().await?;
         let mut cmd = redis::cmd("XADD");
         cmd.arg(&self.stream).arg("*").arg("e").arg(json);
