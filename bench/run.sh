@@ -140,6 +140,6 @@ on_load "$LOAD" hold --url "http://127.0.0.1:$GW_LEAN_PORT" --key "$BENCH_KEY" -
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')
 printf '{"kind":"meta","date":"%s","machine":"%s, %s cores","pinning":"proxy on core %s; simulator, wrk and loadgen on core %s; %s per run, %s connections","notes":"%s"}\n' \
     "$(date -u +%Y-%m-%d)" "$cpu" "$(nproc)" "$PROXY_CORE" "$LOAD_CORE" "$DURATION" "$CONNS" \
-    "The gateway runs with its rate limiter (in memory), ledger (SQLite, journal) and tracing (every span exported over OTLP to a sink) on; the 'limits, tracing off' row drops the limiter and tracing; the 'HTTP/2 upstream' rows run the full gateway with protocol = http2 on its providers (h2c to the simulator; nginx cannot proxy to HTTP/2). gRPC rows have no direct baseline: the simulator speaks HTTP only." >> "$RESULTS"
+    "The gateway runs with its rate limiter (in memory), ledger (SQLite, journal) and tracing (every span exported over OTLP to a sink) on; the 'limits, tracing off' row drops the limiter and tracing; the 'HTTP/2 upstream' rows run the full gateway with protocol = http2 on its providers (h2c to the simulator; nginx cannot proxy to HTTP/2). gRPC rows have no direct baseline: the simulator speaks HTTP only. At a fixed rate (the half-peak rows) loadgen releases requests on time from a thread of its own, not in per-millisecond bursts." >> "$RESULTS"
 "$LOAD" report --results "$RESULTS" --out BENCHMARKS.md
 echo "bench: wrote BENCHMARKS.md" >&2
