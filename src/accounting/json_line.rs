@@ -2,15 +2,13 @@
 //! writes, written field by field.
 //!
 //! Every request journals one line before its answer goes out. Through
-//! serde_json it cost ~9,600 instructions, most of it escaping: the 33 keys
-//! (constants) and every string went through its per-byte escape loop, a
-//! few writes each. Here the keys are part of constant byte strings and a
-//! string with nothing to escape (all of them, in practice: ids, names,
-//! models) is copied as it is; anything else is escaped by serde_json
-//! itself. The tests compare the bytes with serde_json's for entries of
-//! every shape, so a field added to the structs and not here fails them.
+//! serde_json it cost ~9,600 instructions, most of it escaping the 33
+//! constant keys and every string (see `proto/json_write.rs`). The tests
+//! compare the bytes with serde_json's for entries of every shape, so a
+//! field added to the structs and not here fails them.
 
 use super::{AttemptRow, Entry, LedgerRow};
+use crate::proto::json_write::{float, int, opt_string, string};
 
 /// Appends `entry` as serde_json would write it (no newline).
 pub fn write_entry(out: &mut Vec<u8>, entry: &Entry) {
@@ -85,39 +83,6 @@ fn write_attempt(out: &mut Vec<u8>, a: &AttemptRow) {
     out.extend_from_slice(b",\"provider_cost_usd\":");
     float(out, a.provider_cost_usd);
     out.push(b'}');
-}
-
-fn string(out: &mut Vec<u8>, s: &str) {
-    // What serde_json escapes: control characters, quote, backslash.
-    if s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
-        // Writing a string into a Vec cannot fail.
-        let _ = serde_json::to_writer(&mut *out, s);
-        return;
-    }
-    out.reserve(s.len() + 2);
-    out.push(b'"');
-    out.extend_from_slice(s.as_bytes());
-    out.push(b'"');
-}
-
-fn opt_string(out: &mut Vec<u8>, s: Option<&str>) {
-    match s {
-        Some(s) => string(out, s),
-        None => out.extend_from_slice(b"null"),
-    }
-}
-
-fn int(out: &mut Vec<u8>, v: impl itoa::Integer) {
-    out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
-}
-
-/// As serde_json (zmij, as it does): shortest round-trip form, `null` for NaN and infinities.
-fn float(out: &mut Vec<u8>, v: f64) {
-    if v.is_finite() {
-        out.extend_from_slice(zmij::Buffer::new().format_finite(v).as_bytes());
-    } else {
-        out.extend_from_slice(b"null");
-    }
 }
 
 #[cfg(test)]

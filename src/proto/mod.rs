@@ -11,6 +11,7 @@ pub mod v1 {
     tonic::include_proto!("switchyard.v1");
 }
 
+pub(crate) mod json_write;
 pub mod openai_json;
 
 pub use v1::*;

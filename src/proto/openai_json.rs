@@ -518,6 +518,7 @@ fn tool_to_json(t: &Tool) -> Value {
 // proto → OpenAI response JSON (what clients receive)
 // ---------------------------------------------------------------------------
 
+#[cfg(test)] // the oracle for completion_to_json
 #[derive(Serialize)]
 struct OutCompletion<'a> {
     id: &'a str,
@@ -530,6 +531,7 @@ struct OutCompletion<'a> {
     system_fingerprint: Option<&'a str>,
 }
 
+#[cfg(test)] // the oracle for completion_to_json
 #[derive(Serialize)]
 struct OutChoice<'a> {
     index: u32,
@@ -538,6 +540,7 @@ struct OutChoice<'a> {
     logprobs: Option<&'a RawValue>,
 }
 
+#[cfg(test)] // the oracle for completion_to_json
 #[derive(Serialize)]
 struct OutMessage<'a> {
     role: &'static str,
@@ -547,6 +550,7 @@ struct OutMessage<'a> {
     tool_calls: Vec<OutToolCall<'a>>,
 }
 
+#[cfg(test)] // the oracle for completion_to_json
 #[derive(Serialize)]
 struct OutToolCall<'a> {
     id: &'a str,
@@ -555,6 +559,7 @@ struct OutToolCall<'a> {
     function: OutFunction<'a>,
 }
 
+#[cfg(test)] // the oracle for completion_to_json
 #[derive(Serialize)]
 struct OutFunction<'a> {
     name: &'a str,
@@ -648,8 +653,92 @@ fn raw(s: &str) -> Option<&RawValue> {
     }
 }
 
-/// A `chat.completion` object.
+/// A `chat.completion` object: the bytes serde_json writes for the
+/// `Out*` structs (the tests compare them), written piece by piece — its
+/// escape loop over the constant keys was most of the body's cost.
 pub fn completion_to_json(c: &ChatCompletion) -> Vec<u8> {
+    use super::json_write::{int, opt_string, string};
+    let mut out = Vec::with_capacity(384 + c.choices.iter().map(|ch| ch.message.as_ref().map_or(0, |m| match &m.content {
+        Some(message::Content::Text(t)) => t.len(),
+        _ => 0,
+    })).sum::<usize>());
+    out.extend_from_slice(b"{\"id\":");
+    string(&mut out, &c.id);
+    out.extend_from_slice(b",\"object\":\"chat.completion\",\"created\":");
+    int(&mut out, c.created);
+    out.extend_from_slice(b",\"model\":");
+    string(&mut out, &c.model);
+    out.extend_from_slice(b",\"choices\":[");
+    for (i, ch) in c.choices.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        let m = ch.message.as_ref();
+        out.extend_from_slice(b"{\"index\":");
+        int(&mut out, ch.index);
+        out.extend_from_slice(b",\"message\":{\"role\":\"assistant\",\"content\":");
+        opt_string(&mut out, m.and_then(|m| match &m.content {
+            Some(message::Content::Text(t)) => Some(t.as_str()),
+            _ => None,
+        }));
+        out.extend_from_slice(b",\"refusal\":");
+        opt_string(&mut out, m.and_then(|m| m.refusal.as_deref()));
+        if let Some(calls) = m.map(|m| &m.tool_calls).filter(|t| !t.is_empty()) {
+            out.extend_from_slice(b",\"tool_calls\":[");
+            for (j, t) in calls.iter().enumerate() {
+                if j > 0 {
+                    out.push(b',');
+                }
+                out.extend_from_slice(b"{\"id\":");
+                string(&mut out, t.id.as_deref().unwrap_or_default());
+                out.extend_from_slice(b",\"type\":\"function\",\"function\":{\"name\":");
+                string(&mut out, t.name.as_deref().unwrap_or_default());
+                out.extend_from_slice(b",\"arguments\":");
+                string(&mut out, &t.arguments);
+                out.extend_from_slice(b"}}");
+            }
+            out.push(b']');
+        }
+        out.extend_from_slice(b"},\"finish_reason\":");
+        let finish = FinishReason::try_from(ch.finish_reason).ok().and_then(FinishReason::openai_name).unwrap_or("stop");
+        string(&mut out, finish);
+        out.extend_from_slice(b",\"logprobs\":");
+        match raw(&ch.logprobs_json) {
+            Some(r) => out.extend_from_slice(r.get().as_bytes()),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.push(b'}');
+    }
+    let none = Usage::default();
+    let u = c.usage.as_ref().unwrap_or(&none);
+    out.extend_from_slice(b"],\"usage\":{\"prompt_tokens\":");
+    int(&mut out, u.prompt_tokens);
+    out.extend_from_slice(b",\"completion_tokens\":");
+    int(&mut out, u.completion_tokens);
+    out.extend_from_slice(b",\"total_tokens\":");
+    int(&mut out, u.total_tokens);
+    if let Some(cached) = u.cached_tokens {
+        out.extend_from_slice(b",\"prompt_tokens_details\":{\"cached_tokens\":");
+        int(&mut out, cached);
+        out.push(b'}');
+    }
+    if let Some(reasoning) = u.reasoning_tokens {
+        out.extend_from_slice(b",\"completion_tokens_details\":{\"reasoning_tokens\":");
+        int(&mut out, reasoning);
+        out.push(b'}');
+    }
+    out.push(b'}');
+    if let Some(fp) = &c.system_fingerprint {
+        out.extend_from_slice(b",\"system_fingerprint\":");
+        string(&mut out, fp);
+    }
+    out.push(b'}');
+    out
+}
+
+/// The serde form of [`completion_to_json`], which must write its bytes.
+#[cfg(test)]
+fn completion_to_json_serde(c: &ChatCompletion) -> Vec<u8> {
     let out = OutCompletion {
         id: &c.id,
         object: "chat.completion",
@@ -1012,6 +1101,58 @@ pub fn message_text(m: &Message) -> impl Iterator<Item = &str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Completions of every shape the body can take.
+    fn completions() -> Vec<ChatCompletion> {
+        let text = |t: &str| Some(message::Content::Text(t.into()));
+        let call = |id: Option<&str>, name: Option<&str>, args: &str| ToolCall {
+            id: id.map(Into::into),
+            name: name.map(Into::into),
+            arguments: args.into(),
+            ..Default::default()
+        };
+        let choice = |index: u32, message: Option<Message>, finish_reason: i32, logprobs: &str| Choice {
+            index,
+            message,
+            finish_reason,
+            logprobs_json: logprobs.into(),
+        };
+        let plain = ChatCompletion {
+            id: "chatcmpl-01JABC".into(),
+            created: 1_764_800_000,
+            model: "gpt-4o-mini".into(),
+            choices: vec![choice(0, Some(Message { content: text("Hello there."), ..Default::default() }), 1, "")],
+            usage: Some(Usage { prompt_tokens: 9, completion_tokens: 3, total_tokens: 12, ..Default::default() }),
+            system_fingerprint: None,
+        };
+        let odd = ChatCompletion {
+            id: "id \"quoted\" \\ \u{1}".into(),
+            created: -1,
+            model: "é 🚀 \u{2028}".into(),
+            choices: vec![
+                choice(0, Some(Message { content: text("line\nbreak\ttab \"q\" \u{7f} \u{1b}[0m"), refusal: Some("no \"way\"".into()), ..Default::default() }), 0, "{\"content\": [ ]}"),
+                choice(1, None, 99, "{"),
+                choice(2, Some(Message { content: None, tool_calls: vec![call(Some("c1"), Some("f"), "{\"a\": \"b\\n\"}"), call(None, None, "")], ..Default::default() }), 3, " [1, 2] "),
+                choice(u32::MAX, Some(Message { content: Some(message::Content::Parts(ContentParts::default())), ..Default::default() }), 5, "null"),
+            ],
+            usage: Some(Usage { prompt_tokens: u32::MAX, completion_tokens: 0, total_tokens: 1, cached_tokens: Some(4), reasoning_tokens: Some(0) }),
+            system_fingerprint: Some("fp_\"x\"".into()),
+        };
+        let empty = ChatCompletion { choices: vec![], usage: None, system_fingerprint: Some(String::new()), ..Default::default() };
+        let mut each_finish = plain.clone();
+        each_finish.choices = (0..8).map(|f| choice(f as u32, Some(Message { content: text(""), ..Default::default() }), f, "")).collect();
+        each_finish.usage = Some(Usage { cached_tokens: Some(0), ..Default::default() });
+        vec![plain, odd, empty, each_finish]
+    }
+
+    #[test]
+    fn completion_bodies_are_the_serde_structs_bytes() {
+        for c in completions() {
+            let (ours, theirs) = (completion_to_json(&c), completion_to_json_serde(&c));
+            assert_eq!(String::from_utf8_lossy(&ours), String::from_utf8_lossy(&theirs));
+            serde_json::from_slice::<Value>(&ours).unwrap();
+        }
+    }
 
     #[test]
     fn request_round_trips_named_and_unknown_parameters() {
