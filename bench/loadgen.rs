@@ -199,7 +199,7 @@ where
     let end = started + duration;
     let samples = Arc::new(Mutex::new(Samples::default()));
     let record = |s: &Mutex<Samples>, r: Result<(u64, Option<u64>), ()>| {
-        let mut s = s.lock().unwrap();
+        let mut s = s.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match r {
             Ok((lat, ttft)) => {
                 s.latency.push(lat);
@@ -228,11 +228,11 @@ where
                             Err(()) => local.errors += 1,
                         }
                     }
-                    samples.lock().unwrap().merge(local);
+                    samples.lock().unwrap_or_else(std::sync::PoisonError::into_inner).merge(local);
                 }));
             }
             for w in workers {
-                w.await.unwrap();
+                w.await.expect("a load worker panicked");
             }
         }
         Some(rate) => {
@@ -275,12 +275,13 @@ where
                 }));
             }
             for t in tasks {
-                t.await.unwrap();
+                t.await.expect("a load task panicked");
             }
         }
     }
     let elapsed = started.elapsed();
-    let samples = Arc::try_unwrap(samples).ok().unwrap().into_inner().unwrap();
+    // Every task has ended; what they recorded is taken whole.
+    let samples = std::mem::take(&mut *samples.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
     (samples, elapsed)
 }
 
@@ -294,7 +295,7 @@ fn grpc_request(model: &str, key: &str) -> tonic::Request<ChatRequest> {
         }],
         ..Default::default()
     });
-    r.metadata_mut().insert("authorization", format!("Bearer {key}").parse().unwrap());
+    r.metadata_mut().insert("authorization", format!("Bearer {key}").parse().expect("--key must be a valid header value"));
     r
 }
 
@@ -315,7 +316,7 @@ async fn main() {
         Cmd::Http {
             load: Load { url, key, conns, duration, rate, requests, stream, model, label },
         } => {
-            let client = reqwest::Client::builder().pool_max_idle_per_host(conns.max(64)).tcp_nodelay(true).build().unwrap();
+            let client = reqwest::Client::builder().pool_max_idle_per_host(conns.max(64)).tcp_nodelay(true).build().expect("building the HTTP client");
             let endpoint = format!("{}/v1/chat/completions", url.trim_end_matches('/'));
             let body = chat_body(&model, stream);
             let (samples, elapsed) = drive(conns, duration, rate, requests, move |_, due| {
@@ -371,7 +372,7 @@ fn with_rate(mut v: Value, rate: Option<f64>) -> Value {
 }
 
 async fn hold(url: String, key: String, n: usize, h2_conns: usize, model: String, pid: u32, label: String) {
-    let clients: Vec<reqwest::Client> = (0..h2_conns.max(1)).map(|_| reqwest::Client::builder().http2_prior_knowledge().build().unwrap()).collect();
+    let clients: Vec<reqwest::Client> = (0..h2_conns.max(1)).map(|_| reqwest::Client::builder().http2_prior_knowledge().build().expect("building the HTTP/2 client")).collect();
     let endpoint = format!("{}/v1/chat/completions", url.trim_end_matches('/'));
     let body = chat_body(&model, true);
     let before = rss(pid);
