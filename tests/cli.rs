@@ -117,6 +117,64 @@ fn demo_answers_its_own_curl_line() {
     assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
 }
 
+/// Text logs (the default): one access line per request, in
+/// tracing-subscriber's full format, carrying the request's id and trace id.
+#[test]
+fn text_logs_have_an_access_line_per_request() {
+    let dir = std::env::temp_dir().join(format!("switchyard-textlog-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["demo", "--listen", "127.0.0.1:0"])
+        .env_remove("RUST_LOG")
+        .current_dir(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut banner = BufReader::new(stdout).lines();
+    let first = banner.next().unwrap().unwrap();
+    let addr = first.split("http://").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
+    std::thread::spawn(move || banner.for_each(drop));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let resp = rt.block_on(async {
+        reqwest::Client::new()
+            .post(format!("http://{addr}/v1/chat/completions"))
+            .bearer_auth(switchyard::demo::DEMO_KEY)
+            .header("x-request-id", "text-log-0001")
+            .json(&serde_json::json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello!"}]}))
+            .send()
+            .await
+            .unwrap()
+    });
+    assert_eq!(resp.status(), 200);
+    let trace_id = resp.headers()["traceparent"].to_str().unwrap().split('-').nth(1).unwrap().to_owned();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let access = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = rx.recv_timeout(left).expect("an access line within 10 s");
+        if line.contains(" switchyard::access: ") {
+            break line;
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    // `2026-12-03T22:01:12.230988Z  INFO request{…}: switchyard::access: request …`
+    let (stamp, rest) = access.split_once(' ').unwrap();
+    assert!(stamp.len() == 27 && stamp.ends_with('Z') && stamp.as_bytes()[10] == b'T', "{access}");
+    let head = format!(" INFO request{{request_id=\"text-log-0001\" trace_id={trace_id}}}: switchyard::access: request endpoint=/v1/chat/completions model=\"gpt-4o-mini\" key=\"");
+    assert!(rest.starts_with(&head), "{access}");
+    assert!(rest.contains("\" status=200 code=\"ok\" duration_ms="), "{access}");
+    assert!(!access.contains('\u{1b}'), "no colours into a pipe: {access:?}");
+}
+
 /// The configs shipped in `deploy/` (compose's file, the Kubernetes
 /// ConfigMap's embedded file) pass `check`, with their variables set.
 #[test]
