@@ -105,10 +105,15 @@ pub struct TelemetryError(String);
 
 /// Spans waiting for export, at most; past it new spans are dropped.
 const EXPORT_QUEUE: usize = 8192;
-// Small batches: encoding one is work done on a request thread, and a big
-// one stalls every request behind it (p99 at half load went 15 ms → see
-// BENCHMARKS.md).
-const EXPORT_BATCH: usize = 64;
+/// Spans an export carries at most. Encoding and sending run on the
+/// span-export thread at background priority (`background.rs`), not on a
+/// request thread, so a batch no longer stalls requests behind it (it did
+/// when export ran on the request runtime: 64 was the cap then). At 7,000
+/// sync requests a second, 512 against 64 took the export thread from
+/// 5.0–5.7 to 2.6–3.6 µs of CPU a request, fewer calls to the collector
+/// each carrying more, with TTFT p99 at 3,800 streams a second no worse
+/// (medians of six alternating rounds 3.3 and 3.9 ms).
+const EXPORT_BATCH: usize = 512;
 /// How long spans gather before they are exported.
 const EXPORT_WINDOW: Duration = Duration::from_millis(50);
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
