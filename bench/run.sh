@@ -44,7 +44,8 @@ RESULTS=bench/results.jsonl
 PIDS=()
 cleanup() {
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    [ -f "$WORK/nginx.pid" ] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null || true
+    # (nginx may already have removed it on the way out.)
+    [ -f "$WORK/nginx.pid" ] && kill "$(cat "$WORK/nginx.pid" 2>/dev/null)" 2>/dev/null || true
     wait 2>/dev/null || true
 }
 trap cleanup EXIT
@@ -130,7 +131,7 @@ for stream in "" "--stream"; do
     for gw in "gateway $GW" "$H2 $GW_H2"; do
         label=${gw% *} url=${gw##* }
         load http "$url" --conns "$CONNS" $stream --label "$label"
-        # Half this gateway's peak, offered to it and to the simulator.
+        # Half this gateway's peak, offered to it, to the simulator and to nginx.
         peak=$(tail -n1 "$RESULTS" | sed -E 's/.*"rps":([0-9.]+).*/\1/')
         half=$(awk -v p="$peak" 'BEGIN { printf "%d", p / 2 }')
         # A p99 over one run is at the mercy of whatever else the host does
