@@ -12,7 +12,9 @@
 //! published schema requires (`refusal: null`, `logprobs: null`, ...), so the
 //! official SDKs parse them.
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
+#[cfg(test)] // the serde oracles of the JSON writers
+use serde::Serialize;
 use serde_json::{value::RawValue, Map, Value};
 
 use super::v1::{
@@ -566,6 +568,7 @@ struct OutFunction<'a> {
     arguments: &'a str,
 }
 
+#[cfg(test)] // the oracle for completion_to_json and ChunkWriter
 #[derive(Serialize)]
 struct OutUsage {
     prompt_tokens: u32,
@@ -577,16 +580,19 @@ struct OutUsage {
     completion_tokens_details: Option<OutCompletionDetails>,
 }
 
+#[cfg(test)] // the oracle for completion_to_json and ChunkWriter
 #[derive(Serialize)]
 struct OutPromptDetails {
     cached_tokens: u32,
 }
 
+#[cfg(test)] // the oracle for completion_to_json and ChunkWriter
 #[derive(Serialize)]
 struct OutCompletionDetails {
     reasoning_tokens: u32,
 }
 
+#[cfg(test)]
 impl From<&Usage> for OutUsage {
     fn from(u: &Usage) -> Self {
         OutUsage {
@@ -599,6 +605,7 @@ impl From<&Usage> for OutUsage {
     }
 }
 
+#[cfg(test)] // the oracle for ChunkWriter
 #[derive(Serialize)]
 struct OutChunkHead<'a> {
     id: &'a str,
@@ -607,6 +614,7 @@ struct OutChunkHead<'a> {
     model: &'a str,
 }
 
+#[cfg(test)] // the oracle for ChunkWriter
 #[derive(Serialize)]
 struct OutChunkChoice<'a> {
     index: u32,
@@ -616,6 +624,7 @@ struct OutChunkChoice<'a> {
     logprobs: Option<&'a RawValue>,
 }
 
+#[cfg(test)] // the oracle for ChunkWriter
 #[derive(Serialize)]
 struct OutDelta<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -628,6 +637,7 @@ struct OutDelta<'a> {
     tool_calls: Vec<OutToolCallDelta<'a>>,
 }
 
+#[cfg(test)] // the oracle for ChunkWriter
 #[derive(Serialize)]
 struct OutToolCallDelta<'a> {
     index: u32,
@@ -638,6 +648,7 @@ struct OutToolCallDelta<'a> {
     function: OutFunctionDelta<'a>,
 }
 
+#[cfg(test)] // the oracle for ChunkWriter
 #[derive(Serialize)]
 struct OutFunctionDelta<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -709,31 +720,36 @@ pub fn completion_to_json(c: &ChatCompletion) -> Vec<u8> {
         }
         out.push(b'}');
     }
-    let none = Usage::default();
-    let u = c.usage.as_ref().unwrap_or(&none);
-    out.extend_from_slice(b"],\"usage\":{\"prompt_tokens\":");
-    int(&mut out, u.prompt_tokens);
-    out.extend_from_slice(b",\"completion_tokens\":");
-    int(&mut out, u.completion_tokens);
-    out.extend_from_slice(b",\"total_tokens\":");
-    int(&mut out, u.total_tokens);
-    if let Some(cached) = u.cached_tokens {
-        out.extend_from_slice(b",\"prompt_tokens_details\":{\"cached_tokens\":");
-        int(&mut out, cached);
-        out.push(b'}');
-    }
-    if let Some(reasoning) = u.reasoning_tokens {
-        out.extend_from_slice(b",\"completion_tokens_details\":{\"reasoning_tokens\":");
-        int(&mut out, reasoning);
-        out.push(b'}');
-    }
-    out.push(b'}');
+    out.extend_from_slice(b"],\"usage\":");
+    usage_to_json(&mut out, c.usage.as_ref().unwrap_or(&Usage::default()));
     if let Some(fp) = &c.system_fingerprint {
         out.extend_from_slice(b",\"system_fingerprint\":");
         string(&mut out, fp);
     }
     out.push(b'}');
     out
+}
+
+/// A `usage` object, as serde_json writes [`OutUsage`].
+fn usage_to_json(out: &mut Vec<u8>, u: &Usage) {
+    use super::json_write::int;
+    out.extend_from_slice(b"{\"prompt_tokens\":");
+    int(out, u.prompt_tokens);
+    out.extend_from_slice(b",\"completion_tokens\":");
+    int(out, u.completion_tokens);
+    out.extend_from_slice(b",\"total_tokens\":");
+    int(out, u.total_tokens);
+    if let Some(cached) = u.cached_tokens {
+        out.extend_from_slice(b",\"prompt_tokens_details\":{\"cached_tokens\":");
+        int(out, cached);
+        out.push(b'}');
+    }
+    if let Some(reasoning) = u.reasoning_tokens {
+        out.extend_from_slice(b",\"completion_tokens_details\":{\"reasoning_tokens\":");
+        int(out, reasoning);
+        out.push(b'}');
+    }
+    out.push(b'}');
 }
 
 /// The serde form of [`completion_to_json`], which must write its bytes.
@@ -810,70 +826,166 @@ pub struct ChunkWriter {
 }
 
 impl ChunkWriter {
+    /// One chunk: the bytes serde_json writes for the `Out*` structs (the
+    /// tests compare them), written piece by piece like
+    /// [`completion_to_json`].
     pub fn write(&mut self, out: &mut Vec<u8>, c: &ChatChunk) {
+        use super::json_write::{int, opt_string, string};
         if self.head.is_empty() || self.id != c.id || self.created != c.created || self.model != c.model {
             self.head.clear();
-            let head = OutChunkHead {
-                id: &c.id,
-                object: "chat.completion.chunk",
-                created: c.created,
-                model: &c.model,
-            };
-            // Strings and numbers into a Vec: serialising cannot fail.
-            let _ = serde_json::to_writer(&mut self.head, &head);
+            self.head.extend_from_slice(b"{\"id\":");
+            string(&mut self.head, &c.id);
+            self.head.extend_from_slice(b",\"object\":\"chat.completion.chunk\",\"created\":");
+            int(&mut self.head, c.created);
+            self.head.extend_from_slice(b",\"model\":");
+            string(&mut self.head, &c.model);
             // Left open for the rest of the object.
-            self.head.pop();
             self.head.push(b',');
             self.id.clone_from(&c.id);
             self.created = c.created;
             self.model.clone_from(&c.model);
         }
         out.extend_from_slice(&self.head);
-        let choices: Vec<OutChunkChoice<'_>> = c
-            .choices
-            .iter()
-            .map(|ch| {
-                let d = ch.delta.as_ref();
-                OutChunkChoice {
-                    index: ch.index,
-                    delta: OutDelta {
-                        role: d.and_then(|d| d.role).and_then(|r| Role::try_from(r).ok()).map(Role::openai_name),
-                        content: d.and_then(|d| d.content.as_deref()),
-                        refusal: d.and_then(|d| d.refusal.as_deref()),
-                        tool_calls: d
-                            .map(|d| {
-                                d.tool_calls
-                                    .iter()
-                                    .map(|t| OutToolCallDelta {
-                                        index: t.index,
-                                        id: t.id.as_deref(),
-                                        kind: t.id.as_ref().map(|_| "function"),
-                                        function: OutFunctionDelta {
-                                            name: t.name.as_deref(),
-                                            arguments: &t.arguments,
-                                        },
-                                    })
-                                    .collect()
-                            })
-                            .unwrap_or_default(),
-                    },
-                    finish_reason: FinishReason::try_from(ch.finish_reason).ok().and_then(FinishReason::openai_name),
-                    logprobs: raw(&ch.logprobs_json),
-                }
-            })
-            .collect();
-        out.extend_from_slice(b"\"choices\":");
-        let _ = serde_json::to_writer(&mut *out, &choices);
+        out.extend_from_slice(b"\"choices\":[");
+        for (i, ch) in c.choices.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(b"{\"index\":");
+            int(out, ch.index);
+            out.extend_from_slice(b",\"delta\":{");
+            if let Some(d) = &ch.delta {
+                delta_fields(out, d);
+            }
+            out.extend_from_slice(b"},\"finish_reason\":");
+            opt_string(out, FinishReason::try_from(ch.finish_reason).ok().and_then(FinishReason::openai_name));
+            if let Some(r) = raw(&ch.logprobs_json) {
+                out.extend_from_slice(b",\"logprobs\":");
+                out.extend_from_slice(r.get().as_bytes());
+            }
+            out.push(b'}');
+        }
+        out.push(b']');
         if let Some(u) = &c.usage {
             out.extend_from_slice(b",\"usage\":");
-            let _ = serde_json::to_writer(&mut *out, &OutUsage::from(u));
+            usage_to_json(out, u);
         }
         if let Some(fp) = &c.system_fingerprint {
             out.extend_from_slice(b",\"system_fingerprint\":");
-            let _ = serde_json::to_writer(&mut *out, fp);
+            string(out, fp);
         }
         out.push(b'}');
     }
+}
+
+/// A delta's fields, each only when it has a value (as [`OutDelta`]).
+fn delta_fields(out: &mut Vec<u8>, d: &Delta) {
+    use super::json_write::{int, string};
+    let mut first = true;
+    let mut key = |out: &mut Vec<u8>, key: &[u8]| {
+        if !std::mem::take(&mut first) {
+            out.push(b',');
+        }
+        out.extend_from_slice(key);
+    };
+    if let Some(role) = d.role.and_then(|r| Role::try_from(r).ok()).map(Role::openai_name) {
+        key(out, b"\"role\":");
+        string(out, role);
+    }
+    if let Some(content) = &d.content {
+        key(out, b"\"content\":");
+        string(out, content);
+    }
+    if let Some(refusal) = &d.refusal {
+        key(out, b"\"refusal\":");
+        string(out, refusal);
+    }
+    if !d.tool_calls.is_empty() {
+        key(out, b"\"tool_calls\":[");
+        for (i, t) in d.tool_calls.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(b"{\"index\":");
+            int(out, t.index);
+            if let Some(id) = &t.id {
+                out.extend_from_slice(b",\"id\":");
+                string(out, id);
+                out.extend_from_slice(b",\"type\":\"function\"");
+            }
+            out.extend_from_slice(b",\"function\":{");
+            if let Some(name) = &t.name {
+                out.extend_from_slice(b"\"name\":");
+                string(out, name);
+                out.push(b',');
+            }
+            out.extend_from_slice(b"\"arguments\":");
+            string(out, &t.arguments);
+            out.extend_from_slice(b"}}");
+        }
+        out.push(b']');
+    }
+}
+
+/// The serde form of [`ChunkWriter::write`] for one chunk, which must write
+/// its bytes.
+#[cfg(test)]
+fn chunk_to_json_serde(c: &ChatChunk) -> Vec<u8> {
+    let mut out = Vec::new();
+    let head = OutChunkHead {
+        id: &c.id,
+        object: "chat.completion.chunk",
+        created: c.created,
+        model: &c.model,
+    };
+    let _ = serde_json::to_writer(&mut out, &head);
+    out.pop();
+    out.push(b',');
+    let choices: Vec<OutChunkChoice<'_>> = c
+        .choices
+        .iter()
+        .map(|ch| {
+            let d = ch.delta.as_ref();
+            OutChunkChoice {
+                index: ch.index,
+                delta: OutDelta {
+                    role: d.and_then(|d| d.role).and_then(|r| Role::try_from(r).ok()).map(Role::openai_name),
+                    content: d.and_then(|d| d.content.as_deref()),
+                    refusal: d.and_then(|d| d.refusal.as_deref()),
+                    tool_calls: d
+                        .map(|d| {
+                            d.tool_calls
+                                .iter()
+                                .map(|t| OutToolCallDelta {
+                                    index: t.index,
+                                    id: t.id.as_deref(),
+                                    kind: t.id.as_ref().map(|_| "function"),
+                                    function: OutFunctionDelta {
+                                        name: t.name.as_deref(),
+                                        arguments: &t.arguments,
+                                    },
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                },
+                finish_reason: FinishReason::try_from(ch.finish_reason).ok().and_then(FinishReason::openai_name),
+                logprobs: raw(&ch.logprobs_json),
+            }
+        })
+        .collect();
+    out.extend_from_slice(b"\"choices\":");
+    let _ = serde_json::to_writer(&mut out, &choices);
+    if let Some(u) = &c.usage {
+        out.extend_from_slice(b",\"usage\":");
+        let _ = serde_json::to_writer(&mut out, &OutUsage::from(u));
+    }
+    if let Some(fp) = &c.system_fingerprint {
+        out.extend_from_slice(b",\"system_fingerprint\":");
+        let _ = serde_json::to_writer(&mut out, fp);
+    }
+    out.push(b'}');
+    out
 }
 
 // ---------------------------------------------------------------------------
@@ -1150,6 +1262,76 @@ mod tests {
         for c in completions() {
             let (ours, theirs) = (completion_to_json(&c), completion_to_json_serde(&c));
             assert_eq!(String::from_utf8_lossy(&ours), String::from_utf8_lossy(&theirs));
+            serde_json::from_slice::<Value>(&ours).unwrap();
+        }
+    }
+
+    /// Chunks of every shape a stream's events can take.
+    fn chunks() -> Vec<ChatChunk> {
+        let delta = |role: Option<Role>, content: Option<&str>, refusal: Option<&str>, tool_calls: Vec<ToolCall>| Delta {
+            role: role.map(|r| r as i32),
+            content: content.map(Into::into),
+            refusal: refusal.map(Into::into),
+            tool_calls,
+        };
+        let call = |index: u32, id: Option<&str>, name: Option<&str>, arguments: &str| ToolCall {
+            index,
+            id: id.map(Into::into),
+            name: name.map(Into::into),
+            arguments: arguments.into(),
+            ..Default::default()
+        };
+        let choice = |index: u32, delta: Option<Delta>, finish_reason: i32, logprobs: &str| ChunkChoice {
+            index,
+            delta,
+            finish_reason,
+            logprobs_json: logprobs.into(),
+        };
+        let base = ChatChunk {
+            id: "chatcmpl-01JABC".into(),
+            created: 1_764_800_000,
+            model: "gpt-4o-mini".into(),
+            ..Default::default()
+        };
+        let with = |choices: Vec<ChunkChoice>, usage: Option<Usage>, fp: Option<&str>| ChatChunk {
+            choices,
+            usage,
+            system_fingerprint: fp.map(Into::into),
+            ..base.clone()
+        };
+        let mut odd = with(
+            vec![
+                choice(0, Some(delta(Some(Role::Assistant), Some("line\nbreak\t\"q\" \\ \u{1} \u{7f} é 🚀 \u{2028}"), Some("no \"way\""), vec![])), 0, "{\"content\": [ ]}"),
+                choice(1, None, 99, "{"),
+                choice(2, Some(delta(None, None, None, vec![call(0, Some("c1"), Some("f\"n"), ""), call(1, None, None, "{\"a\": \"b\\n\"}"), call(u32::MAX, None, Some("g"), "x")])), 3, " [1, 2] "),
+                choice(u32::MAX, Some(Delta::default()), 5, "null"),
+            ],
+            Some(Usage { prompt_tokens: u32::MAX, completion_tokens: 0, total_tokens: 1, cached_tokens: Some(4), reasoning_tokens: Some(0) }),
+            Some("fp_\"x\""),
+        );
+        odd.id = "id \"quoted\" \\ \u{1}".into();
+        odd.model = "é 🚀 \u{2028}".into();
+        odd.created = -1;
+        let mut each = vec![
+            with(vec![choice(0, Some(delta(Some(Role::Assistant), Some(""), None, vec![])), 0, "")], None, None),
+            with(vec![choice(0, Some(delta(None, Some("Hello"), None, vec![])), 0, "")], None, Some("fp")),
+            with(vec![], Some(Usage { prompt_tokens: 9, completion_tokens: 3, total_tokens: 12, ..Default::default() }), None),
+            with(vec![], None, Some("")),
+            odd,
+        ];
+        each.extend((0..8).map(|f| with(vec![choice(0, Some(delta(None, None, None, vec![])), f, "")], None, None)));
+        each
+    }
+
+    #[test]
+    fn chunk_bodies_are_the_serde_structs_bytes() {
+        let mut one_writer = ChunkWriter::default();
+        for c in chunks() {
+            let theirs = chunk_to_json_serde(&c);
+            let mut ours = Vec::new();
+            one_writer.write(&mut ours, &c);
+            assert_eq!(String::from_utf8_lossy(&ours), String::from_utf8_lossy(&theirs));
+            assert_eq!(chunk_to_json(&c), theirs);
             serde_json::from_slice::<Value>(&ours).unwrap();
         }
     }
