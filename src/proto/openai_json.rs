@@ -1214,15 +1214,20 @@ pub fn message_text(m: &Message) -> impl Iterator<Item = &str> {
 mod tests {
     use super::*;
 
+    /// A tool call (or a stream's tool call delta) for the fixtures below.
+    fn call(index: u32, id: Option<&str>, name: Option<&str>, arguments: &str) -> ToolCall {
+        ToolCall {
+            index,
+            id: id.map(Into::into),
+            name: name.map(Into::into),
+            arguments: arguments.into(),
+            ..Default::default()
+        }
+    }
+
     /// Completions of every shape the body can take.
     fn completions() -> Vec<ChatCompletion> {
         let text = |t: &str| Some(message::Content::Text(t.into()));
-        let call = |id: Option<&str>, name: Option<&str>, args: &str| ToolCall {
-            id: id.map(Into::into),
-            name: name.map(Into::into),
-            arguments: args.into(),
-            ..Default::default()
-        };
         let choice = |index: u32, message: Option<Message>, finish_reason: i32, logprobs: &str| Choice {
             index,
             message,
@@ -1244,7 +1249,7 @@ mod tests {
             choices: vec![
                 choice(0, Some(Message { content: text("line\nbreak\ttab \"q\" \u{7f} \u{1b}[0m"), refusal: Some("no \"way\"".into()), ..Default::default() }), 0, "{\"content\": [ ]}"),
                 choice(1, None, 99, "{"),
-                choice(2, Some(Message { content: None, tool_calls: vec![call(Some("c1"), Some("f"), "{\"a\": \"b\\n\"}"), call(None, None, "")], ..Default::default() }), 3, " [1, 2] "),
+                choice(2, Some(Message { content: None, tool_calls: vec![call(0, Some("c1"), Some("f"), "{\"a\": \"b\\n\"}"), call(1, None, None, "")], ..Default::default() }), 3, " [1, 2] "),
                 choice(u32::MAX, Some(Message { content: Some(message::Content::Parts(ContentParts::default())), ..Default::default() }), 5, "null"),
             ],
             usage: Some(Usage { prompt_tokens: u32::MAX, completion_tokens: 0, total_tokens: 1, cached_tokens: Some(4), reasoning_tokens: Some(0) }),
@@ -1273,13 +1278,6 @@ mod tests {
             content: content.map(Into::into),
             refusal: refusal.map(Into::into),
             tool_calls,
-        };
-        let call = |index: u32, id: Option<&str>, name: Option<&str>, arguments: &str| ToolCall {
-            index,
-            id: id.map(Into::into),
-            name: name.map(Into::into),
-            arguments: arguments.into(),
-            ..Default::default()
         };
         let choice = |index: u32, delta: Option<Delta>, finish_reason: i32, logprobs: &str| ChunkChoice {
             index,
