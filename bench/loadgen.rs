@@ -8,8 +8,10 @@
 //!
 //! Every measuring command prints one JSON line of figures.
 //! `bench/run.sh` drives it; see README "Benchmarks".
-
-#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)] // a load tool: failing loudly is the point
+//!
+//! A failure (a client that cannot be built, a task that panicked, a
+//! file that cannot be read or written) ends the command with a message
+//! on stderr and exit status 1; a failed request is counted, not fatal.
 
 use std::{
     sync::{
@@ -23,6 +25,7 @@ use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use switchyard::proto::{chat_client::ChatClient, message, ChatRequest, Message, Role};
+use tonic::metadata::{Ascii, MetadataValue};
 
 #[derive(Parser)]
 struct Args {
@@ -189,7 +192,10 @@ fn has_content(sse: &[u8]) -> bool {
 
 /// Runs `one` closed-loop on `conns` workers (at most `requests` in all),
 /// or open-loop at `rate`.
-async fn drive<F, Fut>(conns: usize, duration: Duration, rate: Option<f64>, requests: Option<usize>, one: F) -> (Samples, Duration)
+/// The run's outcome, or what made it stop.
+type Run<T = ()> = Result<T, String>;
+
+async fn drive<F, Fut>(conns: usize, duration: Duration, rate: Option<f64>, requests: Option<usize>, one: F) -> Run<(Samples, Duration)>
 where
     F: Fn(usize, Instant) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<(u64, Option<u64>), ()>> + Send,
@@ -232,7 +238,7 @@ where
                 }));
             }
             for w in workers {
-                w.await.expect("a load worker panicked");
+                w.await.map_err(|e| format!("a load worker failed: {e}"))?;
             }
         }
         Some(rate) => {
@@ -275,17 +281,17 @@ where
                 }));
             }
             for t in tasks {
-                t.await.expect("a load task panicked");
+                t.await.map_err(|e| format!("a load task failed: {e}"))?;
             }
         }
     }
     let elapsed = started.elapsed();
     // Every task has ended; what they recorded is taken whole.
     let samples = std::mem::take(&mut *samples.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
-    (samples, elapsed)
+    Ok((samples, elapsed))
 }
 
-fn grpc_request(model: &str, key: &str) -> tonic::Request<ChatRequest> {
+fn grpc_request(model: &str, auth: &MetadataValue<Ascii>) -> tonic::Request<ChatRequest> {
     let mut r = tonic::Request::new(ChatRequest {
         model: model.into(),
         messages: vec![Message {
@@ -295,7 +301,7 @@ fn grpc_request(model: &str, key: &str) -> tonic::Request<ChatRequest> {
         }],
         ..Default::default()
     });
-    r.metadata_mut().insert("authorization", format!("Bearer {key}").parse().expect("--key must be a valid header value"));
+    r.metadata_mut().insert("authorization", auth.clone());
     r
 }
 
@@ -311,37 +317,53 @@ fn rss(pid: u32) -> u64 {
 }
 
 #[tokio::main]
-async fn main() {
-    match Args::parse().cmd {
+async fn main() -> std::process::ExitCode {
+    match run(Args::parse().cmd).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("loadgen: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cmd: Cmd) -> Run {
+    match cmd {
         Cmd::Http {
             load: Load { url, key, conns, duration, rate, requests, stream, model, label },
         } => {
-            let client = reqwest::Client::builder().pool_max_idle_per_host(conns.max(64)).tcp_nodelay(true).build().expect("building the HTTP client");
+            let client = reqwest::Client::builder()
+                .pool_max_idle_per_host(conns.max(64))
+                .tcp_nodelay(true)
+                .build()
+                .map_err(|e| format!("building the HTTP client: {e}"))?;
             let endpoint = format!("{}/v1/chat/completions", url.trim_end_matches('/'));
             let body = chat_body(&model, stream);
             let (samples, elapsed) = drive(conns, duration, rate, requests, move |_, due| {
                 let (client, endpoint, key, body) = (client.clone(), endpoint.clone(), key.clone(), body.clone());
                 async move { http_once(&client, &endpoint, &key, &body, stream, due).await }
             })
-            .await;
+            .await?;
             let kind = if stream { "http-stream" } else { "http-sync" };
             println!("{}", with_rate(samples.figures(&label, kind, elapsed), rate));
+            Ok(())
         }
         Cmd::Grpc {
             load: Load { url, key, conns, duration, rate, requests, stream, model, label },
             channels,
         } => {
+            let auth: MetadataValue<Ascii> = format!("Bearer {key}").parse().map_err(|_| "--key must be a valid header value".to_owned())?;
             let mut clients = Vec::new();
             for _ in 0..channels.max(1) {
-                clients.push(ChatClient::connect(url.clone()).await.expect("gRPC connect"));
+                clients.push(ChatClient::connect(url.clone()).await.map_err(|e| format!("connecting to {url}: {e}"))?);
             }
             let clients = Arc::new(clients);
             let (samples, elapsed) = drive(conns, duration, rate, requests, move |w, due| {
                 let mut client = clients[w % clients.len()].clone();
-                let (model, key) = (model.clone(), key.clone());
+                let (model, auth) = (model.clone(), auth.clone());
                 async move {
                     if stream {
-                        let mut s = client.complete_stream(grpc_request(&model, &key)).await.map_err(|_| ())?.into_inner();
+                        let mut s = client.complete_stream(grpc_request(&model, &auth)).await.map_err(|_| ())?.into_inner();
                         let mut ttft = None;
                         while let Some(c) = s.next().await {
                             let c = c.map_err(|_| ())?;
@@ -351,14 +373,15 @@ async fn main() {
                         }
                         Ok((due.elapsed().as_micros() as u64, ttft))
                     } else {
-                        client.complete(grpc_request(&model, &key)).await.map_err(|_| ())?;
+                        client.complete(grpc_request(&model, &auth)).await.map_err(|_| ())?;
                         Ok((due.elapsed().as_micros() as u64, None))
                     }
                 }
             })
-            .await;
+            .await?;
             let kind = if stream { "grpc-stream" } else { "grpc-unary" };
             println!("{}", with_rate(samples.figures(&label, kind, elapsed), rate));
+            Ok(())
         }
         Cmd::Hold { url, key, n, h2_conns, model, pid, label } => hold(url, key, n, h2_conns, model, pid, label).await,
         Cmd::OtlpSink { port } => otlp_sink(port).await,
@@ -371,8 +394,11 @@ fn with_rate(mut v: Value, rate: Option<f64>) -> Value {
     v
 }
 
-async fn hold(url: String, key: String, n: usize, h2_conns: usize, model: String, pid: u32, label: String) {
-    let clients: Vec<reqwest::Client> = (0..h2_conns.max(1)).map(|_| reqwest::Client::builder().http2_prior_knowledge().build().expect("building the HTTP/2 client")).collect();
+async fn hold(url: String, key: String, n: usize, h2_conns: usize, model: String, pid: u32, label: String) -> Run {
+    let clients = (0..h2_conns.max(1))
+        .map(|_| reqwest::Client::builder().http2_prior_knowledge().build())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("building the HTTP/2 client: {e}"))?;
     let endpoint = format!("{}/v1/chat/completions", url.trim_end_matches('/'));
     let body = chat_body(&model, true);
     let before = rss(pid);
@@ -438,9 +464,10 @@ async fn hold(url: String, key: String, n: usize, h2_conns: usize, model: String
         "{}",
         json!({"label": label, "kind": "hold", "streams": ok, "errors": failed, "open_s": all_open.as_secs_f64(), "rss_before": before, "rss_bytes": during})
     );
+    Ok(())
 }
 
-async fn otlp_sink(port: u16) {
+async fn otlp_sink(port: u16) -> Run {
     use opentelemetry_proto::tonic::collector::trace::v1::{
         trace_service_server::{TraceService, TraceServiceServer},
         ExportTraceServiceRequest, ExportTraceServiceResponse,
@@ -456,7 +483,11 @@ async fn otlp_sink(port: u16) {
         }
     }
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    tonic::transport::Server::builder().add_service(TraceServiceServer::new(Sink::default())).serve(addr).await.expect("OTLP sink");
+    tonic::transport::Server::builder()
+        .add_service(TraceServiceServer::new(Sink::default()))
+        .serve(addr)
+        .await
+        .map_err(|e| format!("OTLP sink on {addr}: {e}"))
 }
 
 /// Rows measured more than once (same kind and label) become one, in the
@@ -492,8 +523,8 @@ fn medians(rows: Vec<Value>) -> Vec<Value> {
 }
 
 /// The markdown report: one table per measurement kind, targets beside.
-fn report(results: &std::path::Path, out: &std::path::Path) {
-    let text = std::fs::read_to_string(results).expect("results file");
+fn report(results: &std::path::Path, out: &std::path::Path) -> Run {
+    let text = std::fs::read_to_string(results).map_err(|e| format!("reading {}: {e}", results.display()))?;
     let rows = medians(text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect());
     let us = |v: &Value| v.as_f64().map_or("–".to_owned(), |u| format!("{:.2}", u / 1000.0));
     let find = |kind: &str, label: &str| rows.iter().find(|r| r["kind"] == kind && r["label"] == label);
@@ -620,5 +651,5 @@ fn report(results: &std::path::Path, out: &std::path::Path) {
             md.push('\n');
         }
     }
-    std::fs::write(out, md).expect("writing the report");
+    std::fs::write(out, md).map_err(|e| format!("writing {}: {e}", out.display()))
 }
