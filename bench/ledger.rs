@@ -4,7 +4,8 @@
 //! `cargo bench --bench ledger` (needs the Redis on 127.0.0.1:6379 for the
 //! second figure). The rows are written to a throwaway SQLite database.
 
-#![allow(clippy::expect_used)] // a benchmark: failing loudly is the point
+//!
+//! A failure ends the run with a message on stderr and exit status 1.
 
 use std::time::{Duration, Instant};
 
@@ -53,28 +54,29 @@ fn entry_with_id(request_id: String) -> Entry {
 
 /// The database writer's cost per entry (a row and its attempt), in
 /// batches of `batch` as the ledger writer sends them.
-async fn writer(label: &str, storage: &Storage, batches: usize, batch: usize, id: impl Fn(usize) -> String) {
+async fn writer(label: &str, storage: &Storage, batches: usize, batch: usize, id: impl Fn(usize) -> String) -> Result<(), String> {
     let mut busy = Duration::ZERO;
     for b in 0..batches {
         let entries: Vec<Entry> = (0..batch).map(|i| entry_with_id(id(b * batch + i))).collect();
         let t = Instant::now();
-        storage.insert_entries(&entries).await.expect("insert");
+        storage.insert_entries(&entries).await.map_err(|e| format!("inserting a batch: {e}"))?;
         busy += t.elapsed();
     }
     let n = batches * batch;
     println!("| {label} | {n} | {batch} | {:.1} |", busy.as_secs_f64() * 1e6 / n as f64);
+    Ok(())
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
 }
 
-async fn measure(label: &str, ledger: &Ledger, n: usize) {
+async fn measure(label: &str, ledger: &Ledger, n: usize) -> Result<(), String> {
     let mut samples = Vec::with_capacity(n);
     for i in 0..n {
         let e = entry(i);
         let t = Instant::now();
-        ledger.record(e).await.expect("record");
+        ledger.record(e).await.map_err(|e| format!("recording an entry: {e}"))?;
         samples.push(t.elapsed());
     }
     samples.sort();
@@ -84,22 +86,35 @@ async fn measure(label: &str, ledger: &Ledger, n: usize) {
         percentile(&samples, 0.99).as_secs_f64() * 1e6,
         percentile(&samples, 0.999).as_secs_f64() * 1e6,
     );
+    Ok(())
 }
 
 #[tokio::main]
-async fn main() {
+async fn main() -> std::process::ExitCode {
     let dir = std::env::temp_dir().join(format!("switchyard-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let result = run(&dir).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ledger bench: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(dir: &std::path::Path) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     let url = format!("sqlite://{}/bench.db", dir.display());
-    let storage = Storage::connect(&url).await.expect("storage");
+    let storage = Storage::connect(&url).await.map_err(|e| format!("opening {url}: {e}"))?;
     println!("| ledger path | records | p50 µs | p99 µs | p99.9 µs |");
     println!("|---|---|---|---|---|");
-    let journal = Ledger::open(&dir.join("a.jsonl"), storage.clone(), None).expect("ledger");
-    measure("local journal (one write)", &journal, 20_000).await;
+    let journal = Ledger::open(&dir.join("a.jsonl"), storage.clone(), None).map_err(|e| e.to_string())?;
+    measure("local journal (one write)", &journal, 20_000).await?;
     drop(journal);
     let redis = "redis://127.0.0.1:6379";
-    let shared = Ledger::open(&dir.join("b.jsonl"), storage.clone(), Some((redis, stream_key(&url)))).expect("ledger");
-    measure("Redis stream (one XADD)", &shared, 5_000).await;
+    let shared = Ledger::open(&dir.join("b.jsonl"), storage.clone(), Some((redis, stream_key(&url)))).map_err(|e| e.to_string())?;
+    measure("Redis stream (one XADD)", &shared, 5_000).await?;
     drop(shared);
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -108,11 +123,11 @@ async fn main() {
     println!("|---|---|---|---|");
     let random = |_| format!("chatcmpl-{}", rand::distr::SampleString::sample_string(&rand::distr::Alphanumeric, &mut rand::rng(), 24));
     for batch in [50, 250, 1000] {
-        writer("random ids", &storage, 100_000 / batch, batch, random).await;
+        writer("random ids", &storage, 100_000 / batch, batch, random).await?;
     }
     let ordered = |i: usize| format!("chatcmpl-{:012x}{}", 1_700_000_000_000u64 + i as u64, rand::distr::SampleString::sample_string(&rand::distr::Alphanumeric, &mut rand::rng(), 12));
     for batch in [50, 250, 1000] {
-        writer("time-ordered ids", &storage, 100_000 / batch, batch, ordered).await;
+        writer("time-ordered ids", &storage, 100_000 / batch, batch, ordered).await?;
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
 }
