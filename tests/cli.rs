@@ -4,11 +4,31 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::{
-    io::{BufRead, BufReader},
-    process::{Command, Stdio},
+    io::{BufRead, BufReader, Lines},
+    process::{Child, ChildStdout, Command, Stdio},
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
+
+/// Starts `switchyard demo` on port 0 in a directory of its own, with the
+/// default log settings; returns it, the address its banner's first line
+/// names, and the rest of the banner.
+fn demo(name: &str, stderr: Stdio) -> (Child, String, Lines<BufReader<ChildStdout>>) {
+    let dir = std::env::temp_dir().join(format!("switchyard-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["demo", "--listen", "127.0.0.1:0"])
+        .env_remove("RUST_LOG")
+        .current_dir(&dir)
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    let mut banner = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = banner.next().unwrap().unwrap();
+    let addr = first.split("http://").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
+    (child, addr, banner)
+}
 
 fn check(config: &str, env: &[(&str, &str)]) -> (i32, String, String) {
     let dir = std::env::temp_dir().join(format!("switchyard-cli-{}-{}", std::process::id(), rand_suffix()));
@@ -82,19 +102,7 @@ fn check_names_line_and_path_of_unknown_keys_and_missing_env() {
 
 #[test]
 fn demo_answers_its_own_curl_line() {
-    let dir = std::env::temp_dir().join(format!("switchyard-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["demo", "--listen", "127.0.0.1:0"])
-        .current_dir(&dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let first = lines.next().unwrap().unwrap();
-    let addr = first.split("http://").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
+    let (mut child, addr, mut lines) = demo("demo", Stdio::null());
     // The banner names the demo key; stop reading there (stdout stays open).
     let key_line = lines.by_ref().map(Result::unwrap).find(|l| l.contains("key:")).expect("the banner names a key");
     assert!(key_line.contains(switchyard::demo::DEMO_KEY), "{key_line}");
@@ -121,20 +129,7 @@ fn demo_answers_its_own_curl_line() {
 /// tracing-subscriber's full format, carrying the request's id and trace id.
 #[test]
 fn text_logs_have_an_access_line_per_request() {
-    let dir = std::env::temp_dir().join(format!("switchyard-textlog-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["demo", "--listen", "127.0.0.1:0"])
-        .env_remove("RUST_LOG")
-        .current_dir(&dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut banner = BufReader::new(stdout).lines();
-    let first = banner.next().unwrap().unwrap();
-    let addr = first.split("http://").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
+    let (mut child, addr, banner) = demo("textlog", Stdio::piped());
     std::thread::spawn(move || banner.for_each(drop));
     let (tx, rx) = std::sync::mpsc::channel();
     let stderr = child.stderr.take().unwrap();
