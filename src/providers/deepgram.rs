@@ -105,7 +105,7 @@ mod tests {
 
     #[test]
     fn request_shape() {
-        let d = Deepgram::new(testing::upstream("https://api.deepgram.example"));
+        let d = Deepgram::new(testing::upstream("https://api.deepgram.example").unwrap());
         let req = d.request(&upload(Some("es")), &route("nova-3")).build().unwrap();
         assert_eq!(req.method(), "POST");
         assert_eq!(
@@ -165,8 +165,8 @@ mod tests {
                 (StatusCode::BAD_REQUEST, r#"{"err_code":"Bad Request","err_msg":"Bad Request: failed to process audio: corrupt or unsupported data","request_id":"r"}"#)
             }),
         );
-        let base = testing::serve(app).await;
-        let e = Deepgram::new(testing::upstream(&base)).transcribe(&upload(None), &route("nova-3")).await.unwrap_err();
+        let base = testing::serve(app).await.unwrap();
+        let e = Deepgram::new(testing::upstream(&base).unwrap()).transcribe(&upload(None), &route("nova-3")).await.unwrap_err();
         assert_eq!(e.kind, UpstreamErrorKind::ClientFault { status: 400 });
         assert!(e.detail.contains("corrupt or unsupported data"), "{e}");
     }

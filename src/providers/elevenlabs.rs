@@ -119,7 +119,7 @@ mod tests {
 
     #[test]
     fn output_format_table_and_supports() {
-        let a = ElevenLabs::new(testing::upstream("https://api.elevenlabs.example"));
+        let a = ElevenLabs::new(testing::upstream("https://api.elevenlabs.example").unwrap());
         let table = [
             (AudioFormat::Mp3, 22_050, "mp3_22050_32"),
             (AudioFormat::Mp3, 24_000, "mp3_24000_48"),
@@ -152,7 +152,7 @@ mod tests {
 
     #[test]
     fn request_shape() {
-        let a = ElevenLabs::new(testing::upstream("https://api.elevenlabs.example"));
+        let a = ElevenLabs::new(testing::upstream("https://api.elevenlabs.example").unwrap());
         let req = a.request(&spec(AudioFormat::Mp3, 44_100, 1.0), &route("eleven_multilingual_v2")).unwrap().build().unwrap();
         assert_eq!(req.method(), "POST");
         assert_eq!(
@@ -170,7 +170,7 @@ mod tests {
 
     #[test]
     fn refusals() {
-        let a = ElevenLabs::new(testing::upstream("https://api.elevenlabs.example"));
+        let a = ElevenLabs::new(testing::upstream("https://api.elevenlabs.example").unwrap());
         let r = route("m");
         let e = a.request(&spec(AudioFormat::Flac, 44_100, 1.0), &r).unwrap_err();
         assert_eq!(e.kind, UpstreamErrorKind::Unsupported);
@@ -199,8 +199,8 @@ mod tests {
                 Body::from_stream(chunks).into_response()
             }),
         );
-        let base = testing::serve(app).await;
-        let a = ElevenLabs::new(testing::upstream(&base));
+        let base = testing::serve(app).await.unwrap();
+        let a = ElevenLabs::new(testing::upstream(&base).unwrap());
         let mut audio = a.synthesize(&spec(AudioFormat::Wav, 24_000, 1.0), &route("m")).await.unwrap();
         let mut all = Vec::new();
         while let Some(chunk) = audio.next().await {

@@ -613,15 +613,15 @@ pub(crate) mod testing {
 
     pub const KEY: &str = "sk-test-secret-0123456789";
 
-    pub fn upstream(base_url: &str) -> Upstream {
-        Upstream {
+    pub fn upstream(base_url: &str) -> std::io::Result<Upstream> {
+        Ok(Upstream {
             id: "p".into(),
             base_url: base_url.trim_end_matches('/').to_owned(),
             api_key: Secret::new(KEY),
             http: reqwest::Client::new(),
-            chat: client::ChatClient::new(UpstreamProtocol::Auto, &POOL).unwrap(),
+            chat: client::ChatClient::new(UpstreamProtocol::Auto, &POOL)?,
             timeout: Duration::from_secs(5),
-        }
+        })
     }
 
     pub fn route(model: &'static str) -> RouteCall<'static> {
@@ -632,17 +632,26 @@ pub(crate) mod testing {
         }
     }
 
-    /// Serves `app` on `127.0.0.1:0`; returns its base URL.
-    pub async fn serve(app: axum::Router) -> String {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        format!("http://{addr}")
+    /// Serves `app` on `127.0.0.1:0`; returns its base URL. (A server
+    /// that stops with an error only makes the test's requests fail.)
+    pub async fn serve(app: axum::Router) -> std::io::Result<String> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                eprintln!("test upstream stopped: {e}");
+            }
+        });
+        Ok(format!("http://{addr}"))
     }
 
-    /// The JSON body of a built request.
+    /// The JSON body of a built request; `Null` when it has none or it is
+    /// not JSON, which the test's assertions then report.
     pub fn json_body(req: &reqwest::Request) -> serde_json::Value {
-        serde_json::from_slice(req.body().unwrap().as_bytes().unwrap()).unwrap()
+        req.body()
+            .and_then(|b| b.as_bytes())
+            .and_then(|b| serde_json::from_slice(b).ok())
+            .unwrap_or(serde_json::Value::Null)
     }
 }
 

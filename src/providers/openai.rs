@@ -463,7 +463,7 @@ mod tests {
 
     #[test]
     fn images_request_picks_a_size_and_leaves_out_what_gpt_image_refuses() {
-        let a = OpenAi::new(testing::upstream("https://api.example/v1"));
+        let a = OpenAi::new(testing::upstream("https://api.example/v1").unwrap());
         let mut s = spec();
         s.aspect_ratio = Some("16:9".into());
         s.seed = Some(7);
@@ -506,7 +506,7 @@ mod tests {
 
     #[test]
     fn images_refuse_what_the_endpoint_cannot_do_as_unsupported() {
-        let a = OpenAi::new(testing::upstream("https://api.example/v1"));
+        let a = OpenAi::new(testing::upstream("https://api.example/v1").unwrap());
         let mut video = spec();
         video.video = true;
         let mut neg = spec();
@@ -562,7 +562,7 @@ mod tests {
 
     #[test]
     fn speech_request_and_rates() {
-        let a = OpenAi::new(testing::upstream("https://api.example/v1"));
+        let a = OpenAi::new(testing::upstream("https://api.example/v1").unwrap());
         let spec = SpeechSpec {
             text: "hello".into(),
             voice: "alloy".into(),
@@ -663,8 +663,8 @@ mod tests {
             }
             Json(json!({"text": "ok", "language": "german", "duration": 1.0, "words": [], "echo": parts}))
         }
-        let base = testing::serve(axum::Router::new().route("/v1/audio/transcriptions", post(handler))).await;
-        let a = OpenAi::new(testing::upstream(&format!("{base}/v1")));
+        let base = testing::serve(axum::Router::new().route("/v1/audio/transcriptions", post(handler))).await.unwrap();
+        let a = OpenAi::new(testing::upstream(&format!("{base}/v1")).unwrap());
         let audio = AudioUpload {
             bytes: bytes::Bytes::from_static(&[1, 2, 3, 4, 5]),
             filename: "memo.wav".into(),
@@ -705,8 +705,8 @@ mod tests {
                 }
             }),
         );
-        let base = testing::serve(app).await;
-        let a = OpenAi::new(testing::upstream(&format!("{base}/v1")));
+        let base = testing::serve(app).await.unwrap();
+        let a = OpenAi::new(testing::upstream(&format!("{base}/v1")).unwrap());
         let spec = SpeechSpec { text: "hi".into(), voice: "alloy".into(), format: AudioFormat::Mp3, sample_rate: 24_000, speed: 1.0 };
         let wait = std::time::Duration::from_secs(5);
         let mut audio = tokio::time::timeout(wait, a.synthesize(&spec, &route("tts-1"))).await.unwrap().unwrap();
@@ -750,8 +750,8 @@ mod tests {
                 }
             }
         }
-        let base = testing::serve(axum::Router::new().route("/v1/chat/completions", post(handler))).await;
-        let a = OpenAi::new(testing::upstream(&format!("{base}/v1")));
+        let base = testing::serve(axum::Router::new().route("/v1/chat/completions", post(handler))).await.unwrap();
+        let a = OpenAi::new(testing::upstream(&format!("{base}/v1")).unwrap());
         let ask = |text: &str| crate::proto::openai_json::parse_request(json!({"model": "m", "messages": [{"role": "user", "content": text}]}).to_string().as_bytes()).unwrap().request;
 
         let done = a.complete(&ask("hello"), &route("gpt-up")).await.unwrap();

@@ -364,7 +364,7 @@ mod tests {
 
     #[test]
     fn requests_are_addressed_and_authenticated() {
-        let r = Replicate::new(testing::upstream("https://api.replicate.example/"));
+        let r = Replicate::new(testing::upstream("https://api.replicate.example/").unwrap());
         assert_eq!((r.backoff.first, r.backoff.max), (Duration::from_millis(250), Duration::from_secs(2)));
         let req = r.create_request(&spec(), &route("owner/model")).build().unwrap();
         assert_eq!(req.method(), "POST");
@@ -477,8 +477,8 @@ mod tests {
     #[tokio::test]
     async fn creates_then_polls_until_succeeded() {
         let sim = Arc::new(Sim { processing: 2, ..Sim::default() });
-        let base = testing::serve(sim_app(sim.clone())).await;
-        let r = fast(testing::upstream(&base));
+        let base = testing::serve(sim_app(sim.clone())).await.unwrap();
+        let r = fast(testing::upstream(&base).unwrap());
         let out = r.generate(&spec(), &route("owner/model")).await.unwrap();
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].data, MediaData::Url("https://replicate.delivery/p/out-0.png".into()));
@@ -491,8 +491,8 @@ mod tests {
     #[tokio::test]
     async fn a_refused_input_is_a_client_fault() {
         let sim = Arc::new(Sim::default());
-        let base = testing::serve(sim_app(sim.clone())).await;
-        let r = fast(testing::upstream(&base));
+        let base = testing::serve(sim_app(sim.clone())).await.unwrap();
+        let r = fast(testing::upstream(&base).unwrap());
         let mut s = spec();
         s.prompt = "refuse".into();
         let e = r.generate(&s, &route("owner/model")).await.unwrap_err();
@@ -503,8 +503,8 @@ mod tests {
     #[tokio::test]
     async fn an_abandoned_prediction_is_cancelled() {
         let sim = Arc::new(Sim { processing: usize::MAX, ..Sim::default() });
-        let base = testing::serve(sim_app(sim.clone())).await;
-        let r = fast(testing::upstream(&base));
+        let base = testing::serve(sim_app(sim.clone())).await.unwrap();
+        let r = fast(testing::upstream(&base).unwrap());
         let spec = spec();
         let route = route("owner/model");
         // The router's deadline drops the generate future mid-poll.
@@ -529,8 +529,8 @@ mod tests {
                 "/v1/predictions/{id}",
                 get(|| async { Json(json!({"id": "p2", "status": "failed", "error": format!("token {KEY} has no GPU quota")})) }),
             );
-        let base = testing::serve(app).await;
-        let r = fast(testing::upstream(&base));
+        let base = testing::serve(app).await.unwrap();
+        let r = fast(testing::upstream(&base).unwrap());
         let e = r.generate(&spec(), &route("owner/model")).await.unwrap_err();
         assert_eq!(e.kind, UpstreamErrorKind::Server { status: 200 });
         assert!(e.is_retryable());
@@ -543,8 +543,8 @@ mod tests {
         let app = axum::Router::new()
             .route("/v1/predictions", post(|| async { (StatusCode::CREATED, Json(json!({"id": "p3", "status": "processing"}))) }))
             .route("/v1/predictions/{id}", get(|| async { (StatusCode::NOT_FOUND, Json(json!({"detail": "Not found."}))) }));
-        let base = testing::serve(app).await;
-        let e = fast(testing::upstream(&base)).generate(&spec(), &route("m")).await.unwrap_err();
+        let base = testing::serve(app).await.unwrap();
+        let e = fast(testing::upstream(&base).unwrap()).generate(&spec(), &route("m")).await.unwrap_err();
         assert_eq!(e.kind, UpstreamErrorKind::Server { status: 404 });
     }
 }

@@ -216,7 +216,7 @@ mod tests {
 
     #[tokio::test]
     async fn speech_streams_audio_in_chunks() {
-        let sim = test_sim().await;
+        let sim = test_sim().await.unwrap();
         let http = reqwest::Client::new();
         let input = "x".repeat(100); // 7 chunks
         let resp = http
@@ -248,7 +248,7 @@ mod tests {
 
     #[tokio::test]
     async fn speech_refuses_a_missing_voice_and_resets_mid_stream() {
-        let sim = test_sim().await;
+        let sim = test_sim().await.unwrap();
         let http = reqwest::Client::new();
         let resp = http.post(format!("{}/v1/audio/speech", sim.url())).json(&json!({"model": "tts-1", "input": "hi"})).send().await.unwrap();
         assert_eq!(resp.status(), 400);
@@ -275,7 +275,7 @@ mod tests {
 
     #[tokio::test]
     async fn transcribes_as_json_and_verbose_json() {
-        let sim = test_sim().await;
+        let sim = test_sim().await.unwrap();
         let http = reqwest::Client::new();
         let url = format!("{}/v1/audio/transcriptions", sim.url());
         let audio = vec![7u8; 64_000];
@@ -312,7 +312,7 @@ mod tests {
 
     #[tokio::test]
     async fn transcription_refuses_a_missing_file_and_honours_faults() {
-        let sim = test_sim().await;
+        let sim = test_sim().await.unwrap();
         let http = reqwest::Client::new();
         let resp = http
             .post(format!("{}/v1/audio/transcriptions", sim.url()))

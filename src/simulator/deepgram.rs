@@ -106,7 +106,7 @@ mod tests {
 
     #[tokio::test]
     async fn transcribes_like_openai() {
-        let sim = test_sim().await;
+        let sim = test_sim().await.unwrap();
         let http = reqwest::Client::new();
         let audio = vec![3u8; 48_000];
         let resp = http
@@ -148,7 +148,7 @@ mod tests {
 
     #[tokio::test]
     async fn refuses_an_empty_body_and_honours_faults() {
-        let sim = test_sim().await;
+        let sim = test_sim().await.unwrap();
         let http = reqwest::Client::new();
         let resp = http.post(format!("{}/v1/listen", sim.url())).send().await.unwrap();
         assert_eq!(resp.status(), 400);

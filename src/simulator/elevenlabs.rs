@@ -100,7 +100,7 @@ mod tests {
 
     #[tokio::test]
     async fn streams_audio_in_the_requested_format() {
-        let sim = test_sim().await;
+        let sim = test_sim().await.unwrap();
         let http = reqwest::Client::new();
         let text = "y".repeat(80); // 5 chunks
         let resp = http
@@ -131,7 +131,7 @@ mod tests {
 
     #[tokio::test]
     async fn refuses_bad_formats_and_text_and_honours_faults() {
-        let sim = test_sim().await;
+        let sim = test_sim().await.unwrap();
         let http = reqwest::Client::new();
         let url = format!("{}/v1/text-to-speech/v", sim.url());
         let resp = http.post(&url).query(&[("output_format", "mp3_1_2")]).json(&json!({"text": "hi"})).send().await.unwrap();

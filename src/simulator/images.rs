@@ -93,7 +93,7 @@ mod tests {
 
     #[tokio::test]
     async fn generates_pngs_inline_and_by_url() {
-        let sim = test_sim().await;
+        let sim = test_sim().await.unwrap();
         let http = reqwest::Client::new();
         let resp = http
             .post(format!("{}/v1/images/generations", sim.url()))
@@ -138,7 +138,7 @@ mod tests {
 
     #[tokio::test]
     async fn refuses_a_missing_prompt_and_honours_faults() {
-        let sim = test_sim().await;
+        let sim = test_sim().await.unwrap();
         let http = reqwest::Client::new();
         let resp = http.post(format!("{}/v1/images/generations", sim.url())).json(&json!({"model": "gpt-image-1"})).send().await.unwrap();
         assert_eq!(resp.status(), 400);

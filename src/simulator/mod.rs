@@ -746,9 +746,9 @@ pub async fn run(listener: TcpListener, state: Arc<SimState>) {
 
 /// A simulator on a free port with no faults and seed 1, for tests.
 #[cfg(test)]
-pub(crate) async fn test_sim() -> SimHandle {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    spawn(listener, Arc::new(SimState::new(1, Faults::default()))).unwrap()
+pub(crate) async fn test_sim() -> std::io::Result<SimHandle> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    spawn(listener, Arc::new(SimState::new(1, Faults::default())))
 }
 
 #[cfg(test)]

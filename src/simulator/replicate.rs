@@ -331,7 +331,7 @@ mod tests {
 
     #[tokio::test]
     async fn image_predictions_run_then_succeed() {
-        let sim = test_sim().await;
+        let sim = test_sim().await.unwrap();
         let http = reqwest::Client::new();
         let resp = http
             .post(format!("{}/p/rep/v1/predictions", sim.url()))
@@ -371,7 +371,7 @@ mod tests {
 
     #[tokio::test]
     async fn video_predictions_give_one_url_and_can_fail_or_be_cancelled() {
-        let sim = test_sim().await;
+        let sim = test_sim().await.unwrap();
         let http = reqwest::Client::new();
         let create = |prefix: &str, body: Value| {
             let req = http.post(format!("{}{prefix}/v1/predictions", sim.url())).json(&body);
@@ -400,7 +400,7 @@ mod tests {
 
     #[tokio::test]
     async fn refuses_bad_input_unknown_ids_and_honours_faults() {
-        let sim = test_sim().await;
+        let sim = test_sim().await.unwrap();
         let http = reqwest::Client::new();
         let resp = http.post(format!("{}/v1/predictions", sim.url())).json(&json!({"version": "a/b", "input": {}})).send().await.unwrap();
         assert_eq!(resp.status(), 422);
